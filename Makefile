@@ -1,0 +1,35 @@
+# Two commands set up everything from a clean clone: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= models/mnist_cnn.pt
+IMAGE ?= mnist-service:1.0.0
+
+.PHONY: run test train lint bench image clean
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+$(MODEL): | $(VENV)/.runtime
+	$(PY) model_train.py --output $(dir $(MODEL))
+
+train: $(VENV)/.runtime
+	$(PY) model_train.py --output $(dir $(MODEL))
+
+run: $(VENV)/.runtime $(MODEL)
+	$(PY) model_inference.py --model $(MODEL)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

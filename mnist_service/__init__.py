@@ -1,0 +1,1 @@
+"""MNIST digit classification as a small, fast, sturdy HTTP service."""

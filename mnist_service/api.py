@@ -1,0 +1,114 @@
+"""The FastAPI app factory: `uvicorn mnist_service.api:create_app --factory`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from mnist_service import model as model_lib
+from mnist_service.metrics import Metrics
+from mnist_service.middleware import RequestContextMiddleware
+from mnist_service.predictor import InferenceFailed, Predictor
+from mnist_service.routes import health, predict, v2, web
+from mnist_service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def load_predictor(settings: Settings, metrics: Metrics) -> Predictor:
+    """Load, verify, optimise and warm the model: everything before the first request."""
+    module, metadata = model_lib.load_verified(settings.model_path, settings.resolved_metadata_path)
+    predictor = Predictor(
+        model_lib.optimize_for_serving(module),
+        metadata,
+        metrics,
+        max_batch_size=settings.max_batch_size,
+        max_batch_delay_ms=settings.max_batch_delay_ms,
+        max_queue=settings.max_queue,
+        request_timeout_s=settings.request_timeout_s,
+    )
+    predictor.warm_up()
+    return predictor
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    torch.set_num_threads(settings.torch_threads)
+    predictor = await asyncio.to_thread(load_predictor, settings, app.state.metrics)
+    app.state.metrics.model_info.info(
+        {"version": predictor.version, "test_accuracy": str(predictor.metadata.get("test_accuracy"))}
+    )
+    app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+    await predictor.start()
+    app.state.predictor = predictor
+    logger.info(
+        "serving model %s (test accuracy %s) from %s",
+        predictor.version[:12], predictor.metadata.get("test_accuracy"), settings.model_path,
+    )
+    try:
+        yield
+    finally:
+        await predictor.stop()
+        app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse(
+        {"detail": exc.detail, "request_id": _request_id(request)}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in exc.errors()[:5]
+    )
+    return JSONResponse({"detail": f"invalid request: {problems}", "request_id": _request_id(request)}, status_code=422)
+
+
+async def _inference_failed(request: Request, exc: InferenceFailed) -> JSONResponse:
+    # The cause is logged by the batcher; the client gets only the id to quote.
+    return JSONResponse(
+        {"detail": "inference failed; quote the request id when reporting it", "request_id": _request_id(request)},
+        status_code=500,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the model loads when the app's lifespan starts."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    app = FastAPI(
+        title="MNIST digit classifier",
+        summary="Upload an image of a handwritten digit, get the digit back.",
+        version="1.0.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.draining = False
+    for router in (health.router, predict.router, v2.router, web.router):
+        app.include_router(router)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(InferenceFailed, _inference_failed)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
+    return app

@@ -1,0 +1,61 @@
+"""Route dependencies, as Annotated aliases that tests can override with app.dependency_overrides."""
+
+from __future__ import annotations
+
+import hmac
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from mnist_service.errors import ModelNotReady, Unauthorized
+from mnist_service.metrics import Metrics
+from mnist_service.predictor import Predictor
+from mnist_service.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_predictor(request: Request) -> Predictor:
+    predictor: Predictor | None = getattr(request.app.state, "predictor", None)
+    if predictor is None or not predictor.ready:
+        raise ModelNotReady()
+    return predictor
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_decode_pool(request: Request) -> ThreadPoolExecutor:
+    return request.app.state.decode_pool
+
+
+_bearer = HTTPBearer(auto_error=False, description="The API key as a bearer token (when API_KEY is set).")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key (when API_KEY is set).")
+
+
+def require_api_key(
+    settings: Annotated[Settings, Depends(get_settings)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header_key: Annotated[str | None, Depends(_api_key_header)],
+) -> None:
+    """Enforce API_KEY when it is set; compare in constant time so timing leaks nothing."""
+    if settings.api_key is None:
+        return
+    expected = settings.api_key.get_secret_value().encode()
+    offered = [k for k in (bearer.credentials if bearer else None, header_key) if k]
+    if not any(hmac.compare_digest(k.encode(), expected) for k in offered):
+        raise Unauthorized(
+            "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+DecodePoolDep = Annotated[ThreadPoolExecutor, Depends(get_decode_pool)]

@@ -1,0 +1,49 @@
+"""Prometheus metrics, in a registry each app owns (so tests can build many apps side by side).
+
+The server runs one process (see README: one event loop + one inference thread fits two
+cores best), so prometheus_client's multiprocess mode is not needed.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    """All the service's metrics; the names share the `mnist_` prefix."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "mnist_requests", "HTTP requests by endpoint and status.", ["endpoint", "method", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            "mnist_request_latency_seconds", "Time from request to response.", ["endpoint"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.inference_time = Histogram(
+            "mnist_inference_seconds", "Forward pass time per batch.", buckets=_FAST_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "mnist_batch_size", "Images per forward pass.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.queue_wait = Histogram(
+            "mnist_queue_wait_seconds", "Time a request waited for its forward pass.", buckets=_FAST_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("mnist_queue_depth", "Requests waiting for inference.", registry=r)
+        self.rejected = Counter(
+            "mnist_rejected", "Requests refused for overload, by reason.", ["reason"], registry=r
+        )
+        self.predictions = Counter("mnist_predictions", "Predicted digits.", ["digit"], registry=r)
+        self.confidence = Histogram(
+            "mnist_prediction_confidence", "Top-class probability; a shift is a drift signal.",
+            buckets=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0), registry=r,
+        )
+        self.model_info = Info("mnist_model", "The model being served.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,114 @@
+"""One pure-ASGI middleware for what every request needs: an id, a body limit, metrics, a log line.
+
+Pure ASGI rather than BaseHTTPMiddleware, which costs a task and a copy per request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mnist_service.errors import PayloadTooLarge
+from mnist_service.metrics import Metrics
+
+access_log = logging.getLogger("mnist_service.access")
+logger = logging.getLogger(__name__)
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestContextMiddleware:
+    """Request id (echoes a sane X-Request-ID), upload limit, per-request metrics and one log line."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            declared = _header(scope, b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                await self._error(send_with_id, 413, self._too_large(), request_id)
+            else:
+                await self.app(scope, self._limited(receive), send_with_id)
+        except Exception:
+            # Anything that escaped the app's handlers: log it whole, tell the client nothing of it.
+            logger.exception("unhandled error (request_id=%s)", request_id)
+            if not response_started:
+                detail = "internal error; quote the request id when reporting it"
+                await self._error(send_with_id, 500, detail, request_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
+            self.metrics.request_latency.labels(endpoint).observe(elapsed)
+            access_log.info(
+                "method=%s path=%s status=%d ms=%.2f request_id=%s",
+                scope["method"], scope["path"], status, elapsed * 1000, request_id,
+            )
+
+    def _too_large(self) -> str:
+        return (
+            f"the request body is over the {self.max_body_bytes} byte limit (MAX_UPLOAD_BYTES): "
+            "send a smaller image"
+        )
+
+    def _limited(self, receive: Receive) -> Receive:
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise PayloadTooLarge(self._too_large())
+            return message
+
+        return limited_receive
+
+    @staticmethod
+    async def _error(send: Send, status: int, detail: str, request_id: str) -> None:
+        body: dict[str, Any] = {"detail": detail, "request_id": request_id}
+        payload = json.dumps(body).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,139 @@
+"""The network, its cost, and the TorchScript file format (export, verified load)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.json"  # name of the metadata embedded in the .pt via _extra_files
+CLASS_LABELS = [str(d) for d in range(10)]
+INPUT_SHAPE = [1, 1, 28, 28]
+
+
+class ModelLoadError(RuntimeError):
+    """The model file is missing, unreadable or does not match its metadata."""
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class Net(nn.Module):
+    """A small CNN for 1x28x28 digits that downsamples early to stay cheap per image.
+
+    Three conv blocks at 28, 14 and 7 px, then a flattened 3x3 map into one linear layer.
+    """
+
+    def __init__(self, channels: tuple[int, int, int] = (16, 32, 64)) -> None:
+        super().__init__()
+        c1, c2, c3 = channels
+        self.features = nn.Sequential(
+            *_conv_bn(1, c1),
+            nn.MaxPool2d(2),  # 28 -> 14
+            *_conv_bn(c1, c2),
+            nn.MaxPool2d(2),  # 14 -> 7
+            *_conv_bn(c2, c3),
+            nn.MaxPool2d(2),  # 7 -> 3
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(c3 * 9, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def count_macs(model: nn.Module, input_shape: list[int] = INPUT_SHAPE) -> int:
+    """Multiply-adds of one forward pass over conv and linear layers (the cost that matters)."""
+    total = 0
+
+    def hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total += output[0].numel() * kernel
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return total
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export(model: nn.Module, metadata: dict[str, Any], output_dir: Path, name: str = "mnist_cnn") -> Path:
+    """Script the model, save it with the metadata embedded, and write the JSON beside it.
+
+    The JSON adds `version`, the sha256 of the .pt, which the embedded copy can't hold.
+    The plain scripted model is saved: a frozen, optimised one can't be loaded back.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pt_path = output_dir / f"{name}.pt"
+    scripted = torch.jit.script(model.eval())
+    embedded = json.dumps(metadata, sort_keys=True)
+    torch.jit.save(scripted, str(pt_path), _extra_files={METADATA_FILE: embedded})
+    full = {"version": sha256_file(pt_path), **metadata}
+    pt_path.with_suffix(".json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    return pt_path
+
+
+def read_verified_metadata(pt_path: Path, metadata_path: Path) -> dict[str, Any]:
+    """The model's metadata, only if the model file's sha256 is the one it records."""
+    if not pt_path.is_file():
+        raise ModelLoadError(f"model file {pt_path} not found: train one with `python model_train.py`")
+    if not metadata_path.is_file():
+        raise ModelLoadError(f"model metadata {metadata_path} not found beside the model")
+    try:
+        metadata = json.loads(metadata_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model metadata {metadata_path} is not valid JSON: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise ModelLoadError(f"model metadata {metadata_path} must be a JSON object")
+    actual = sha256_file(pt_path)
+    if metadata.get("version") != actual:
+        raise ModelLoadError(
+            f"model file {pt_path} has sha256 {actual[:12]} but {metadata_path.name} expects "
+            f"{str(metadata.get('version'))[:12]}: the file is truncated, tampered with or from another run"
+        )
+    return metadata
+
+
+def load_verified(pt_path: Path, metadata_path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """Load a TorchScript model whose bytes and embedded metadata match its metadata file."""
+    metadata = read_verified_metadata(pt_path, metadata_path)
+    extra = {METADATA_FILE: ""}
+    try:
+        module = torch.jit.load(str(pt_path), map_location="cpu", _extra_files=extra)
+    except Exception as exc:  # torch raises bare RuntimeErrors of many kinds for bad archives
+        raise ModelLoadError(f"model file {pt_path} could not be loaded by torch: {exc}") from exc
+    embedded = json.loads(extra[METADATA_FILE] or "{}")
+    if embedded != {k: v for k, v in metadata.items() if k != "version"}:
+        raise ModelLoadError(f"{metadata_path.name} does not match the metadata embedded in {pt_path.name}")
+    return module.eval(), metadata
+
+
+def optimize_for_serving(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """Freeze (folds batch norm into convs) and apply torch's inference passes, at load time."""
+    frozen = torch.jit.freeze(module.eval())
+    return torch.jit.optimize_for_inference(frozen)

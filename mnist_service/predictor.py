@@ -1,0 +1,194 @@
+"""The loaded model behind a dynamic micro-batcher: the one data plane every endpoint calls.
+
+Requests put 28x28 arrays on a bounded queue. One batcher task collects them until it has
+`max_batch_size` images or `max_batch_delay_ms` has passed since the *first* request of the
+batch arrived, then runs one forward pass on a dedicated thread, so the event loop keeps
+parsing HTTP on the other core while torch computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mnist_service.errors import ModelNotReady, Overloaded
+from mnist_service.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceFailed(RuntimeError):
+    """The model raised during a forward pass; details are logged, never sent to the client."""
+
+
+@dataclass
+class _Item:
+    digits: np.ndarray  # (n, 28, 28) uint8
+    arrival: float
+    deadline: float
+    future: asyncio.Future[np.ndarray] = field(repr=False)
+
+
+class Predictor:
+    """Owns the TorchScript module, its metadata and the batching loop."""
+
+    def __init__(
+        self,
+        module: torch.jit.ScriptModule | torch.nn.Module,
+        metadata: dict[str, Any],
+        metrics: Metrics,
+        *,
+        max_batch_size: int = 32,
+        max_batch_delay_ms: float = 0.0,
+        max_queue: int = 512,
+        request_timeout_s: float = 5.0,
+    ) -> None:
+        self.module = module
+        self.metadata = metadata
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay = max_batch_delay_ms / 1000.0
+        self.request_timeout = request_timeout_s
+        norm = metadata["input"]["normalization"]
+        self._mean, self._std = float(norm["mean"]), float(norm["std"])
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
+        # One thread: torch parallelises inside a forward pass if asked, never across batches.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._task: asyncio.Task[None] | None = None
+        self._held: _Item | None = None  # an item that did not fit the last batch
+        self.ready = False
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("version", "unknown"))
+
+    def forward(self, digits: np.ndarray) -> np.ndarray:
+        """Probabilities (n, 10) for uint8 digits (n, 28, 28); synchronous, for the worker thread."""
+        x = torch.from_numpy(np.ascontiguousarray(digits)).to(torch.float32).unsqueeze(1)
+        x = (x / 255.0 - self._mean) / self._std
+        with torch.inference_mode():
+            logits = self.module(x)
+            return torch.softmax(logits.float(), dim=1).numpy()
+
+    def warm_up(self, rounds: int = 20) -> None:
+        """Run the shapes we serve a few times: the JIT specialises on its first calls."""
+        for batch in (1, 2, self.max_batch_size):
+            for _ in range(rounds):
+                self.forward(np.zeros((batch, 28, 28), dtype=np.uint8))
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="batcher")
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        leftovers = [self._held] if self._held else []
+        while not self._queue.empty():
+            leftovers.append(self._queue.get_nowait())
+        for item in leftovers:
+            if not item.future.done():
+                item.future.set_exception(ModelNotReady("the server is shutting down; retry"))
+        self._executor.shutdown(wait=True)
+
+    async def predict(self, digits: np.ndarray) -> np.ndarray:
+        """Queue digits (n, 28, 28) for the next batch and wait for their probabilities."""
+        if not self.ready:
+            raise ModelNotReady()
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        item = _Item(digits, now, now + self.request_timeout, loop.create_future())
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise Overloaded(
+                f"the inference queue is full ({self._queue.maxsize} requests waiting); retry shortly"
+            ) from None
+        self.metrics.queue_depth.set(self._queue.qsize())
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), self.request_timeout)
+        except TimeoutError:
+            item.future.cancel()  # the batcher skips cancelled items
+            self.metrics.rejected.labels("deadline").inc()
+            raise Overloaded(
+                f"no answer within the {self.request_timeout:g}s deadline; the server is overloaded, retry shortly"
+            ) from None
+
+    def _observe(self, probs: np.ndarray) -> None:
+        for digit, count in enumerate(np.bincount(probs.argmax(1), minlength=10)):
+            if count:
+                self.metrics.predictions.labels(str(digit)).inc(int(count))
+        for confidence in probs.max(1):
+            self.metrics.confidence.observe(float(confidence))
+
+    async def _collect(self) -> list[_Item]:
+        if self._held is not None:
+            first, self._held = self._held, None
+        else:
+            first = await self._queue.get()
+        batch, images = [first], len(first.digits)
+        close_at = first.arrival + self.max_batch_delay
+        while images < self.max_batch_size:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = close_at - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if images + len(item.digits) > self.max_batch_size:
+                # Too big to join: it starts the next batch instead of being split.
+                self._held = item
+                break
+            batch.append(item)
+            images += len(item.digits)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            self.metrics.queue_depth.set(self._queue.qsize())
+            now = time.perf_counter()
+            live = [it for it in batch if not it.future.done() and it.deadline > now]
+            for it in batch:
+                if it not in live and not it.future.done():
+                    it.future.set_exception(Overloaded("the request expired in the queue; retry shortly"))
+            if not live:
+                continue
+            for it in live:
+                self.metrics.queue_wait.observe(now - it.arrival)
+            digits = np.concatenate([it.digits for it in live])
+            started = time.perf_counter()
+            try:
+                probs = await loop.run_in_executor(self._executor, self.forward, digits)
+            except Exception:
+                logger.exception("forward pass failed for a batch of %d", len(digits))
+                for it in live:
+                    if not it.future.done():
+                        it.future.set_exception(InferenceFailed("forward pass failed"))
+                continue
+            self.metrics.inference_time.observe(time.perf_counter() - started)
+            self.metrics.batch_size.observe(len(digits))
+            self._observe(probs)
+            offset = 0
+            for it in live:
+                n = len(it.digits)
+                if not it.future.done():
+                    it.future.set_result(probs[offset : offset + n])
+                offset += n

@@ -1,0 +1,171 @@
+"""Image bytes or pixel lists -> the 28x28 white-on-black uint8 array the model was trained on.
+
+Pure functions, shared by the server, the tests and the client. Photos and canvas exports are
+normalised the way MNIST itself was made: crop to the ink, fit the longer side into 20 px
+keeping the aspect ratio, then centre by centre of mass in a 28x28 field.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mnist_service.errors import InvalidInput, PayloadTooLarge
+
+SIZE = 28
+BOX = 20  # MNIST fits each digit's longer side into 20 px before centring in 28
+DEFAULT_MAX_PIXELS = 40_000_000
+_INK_THRESHOLD = 0.2  # fraction of the ink's peak that counts as ink when finding the crop box
+_NOISE_FLOOR = 0.08  # below this fraction of the peak, a pixel is background noise (JPEG, paper)
+_MIN_CONTRAST = 16.0  # grey levels between background and ink below which an image is blank
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode any PIL-readable image into a float32 grey array, 0 = black, 255 = white.
+
+    Honours EXIF orientation, takes the first frame of animations, and composites
+    transparency over white (a canvas export is dark strokes on a transparent background).
+    """
+    if not data:
+        raise InvalidInput("the uploaded file is empty: attach a PNG, JPEG or other image file")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it; ours is checked below instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise PayloadTooLarge(
+                    f"the image is {width}x{height} pixels, over the limit of {max_pixels}: "
+                    "scale it down before uploading"
+                )
+            if width < 1 or height < 1:
+                raise InvalidInput("the image has no pixels")
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_grey(img)
+    except (PayloadTooLarge, InvalidInput):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise PayloadTooLarge(f"the image is too large to decode safely: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidInput(
+            "the file is not an image PIL can read: send PNG, JPEG, BMP, GIF, WebP or TIFF"
+        ) from exc
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as exc:
+        # Truncated or corrupt files surface as any of these from PIL's decoders.
+        raise InvalidInput(
+            f"the image file is truncated or corrupt and can't be decoded ({type(exc).__name__})"
+        ) from exc
+
+
+def _to_grey(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        peak = float(arr.max()) if arr.size else 0.0
+        return arr * (255.0 / peak) if peak > 0 else arr
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    )
+    if not has_alpha:
+        return np.asarray(img.convert("L"), dtype=np.float32)
+    rgba = img.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+    grey = np.asarray(rgba.convert("L"), dtype=np.float32)
+    composite = grey * alpha + 255.0 * (1.0 - alpha)
+    if np.ptp(composite) < _MIN_CONTRAST and np.ptp(alpha) * 255.0 >= _MIN_CONTRAST:
+        # Light strokes on a transparent background vanish on white: the alpha is the drawing.
+        return alpha * 255.0
+    return composite
+
+
+def normalize_digit(grey: np.ndarray) -> np.ndarray:
+    """Grey image of any size and polarity -> 28x28 uint8, white digit centred on black."""
+    grey = np.asarray(grey, dtype=np.float32)
+    if grey.ndim != 2 or grey.size == 0:
+        raise InvalidInput("the image must be two-dimensional and non-empty")
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    background = float(np.median(border))
+    # A light border means dark ink on paper: invert to MNIST's white on black.
+    ink = grey - background if background < 128 else background - grey
+    ink = np.clip(ink, 0, None)
+    peak = float(ink.max())
+    if peak < _MIN_CONTRAST:
+        raise InvalidInput("the image is blank: no digit stands out from the background")
+    ink = ink / peak
+    ink[ink < _NOISE_FLOOR] = 0.0
+
+    rows = np.flatnonzero((ink >= _INK_THRESHOLD).any(axis=1))
+    cols = np.flatnonzero((ink >= _INK_THRESHOLD).any(axis=0))
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+    h, w = crop.shape
+    scale = BOX / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = np.asarray(
+        Image.fromarray(crop, mode="F").resize((new_w, new_h), _resample(scale)),
+        dtype=np.float32,
+    )
+    resized = np.clip(resized, 0.0, 1.0)
+    return _centre_by_mass(resized)
+
+
+def _resample(scale: float) -> Image.Resampling:
+    # Lanczos anti-aliases when shrinking (as MNIST did); it rings when enlarging tiny digits.
+    return Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BILINEAR
+
+
+def _centre_by_mass(digit: np.ndarray) -> np.ndarray:
+    h, w = digit.shape
+    total = float(digit.sum())
+    if total <= 0:
+        raise InvalidInput("the image is blank: no digit stands out from the background")
+    cy = float((digit.sum(axis=1) * np.arange(h)).sum() / total)
+    cx = float((digit.sum(axis=0) * np.arange(w)).sum() / total)
+    # Place the digit so that its centre of mass lands on the field's centre, clipped to fit.
+    top = round((SIZE - 1) / 2 - cy)
+    left = round((SIZE - 1) / 2 - cx)
+    top, left = min(max(top, 0), SIZE - h), min(max(left, 0), SIZE - w)
+    field = np.zeros((SIZE, SIZE), dtype=np.float32)
+    field[top : top + h, left : left + w] = digit
+    return np.round(field * 255.0).astype(np.uint8)
+
+
+def image_to_digit(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Image file bytes -> 28x28 uint8 model input (white on black)."""
+    return normalize_digit(decode_image(data, max_pixels))
+
+
+def pixels_to_digit(pixels: Sequence[object]) -> np.ndarray:
+    """784 integers 0-255 (flat or 28 rows of 28), white digit on black, used as given."""
+    try:
+        arr = np.asarray(pixels, dtype=object)
+    except ValueError as exc:
+        raise InvalidInput("pixels must be 784 integers, or 28 lists of 28 integers") from exc
+    if arr.shape not in ((SIZE * SIZE,), (SIZE, SIZE)):
+        raise InvalidInput(
+            f"pixels must be 784 integers or 28 rows of 28, got shape {list(arr.shape)}"
+        )
+    flat = arr.reshape(-1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+        raise InvalidInput("pixels must be integers 0-255 (white digit on black), not floats or strings")
+    values = np.array(flat.tolist(), dtype=np.int64)
+    if values.min() < 0 or values.max() > 255:
+        raise InvalidInput(
+            f"pixels must lie in 0-255, got values from {values.min()} to {values.max()}"
+        )
+    return values.astype(np.uint8).reshape(SIZE, SIZE)
+
+
+def to_png_base64(digit: np.ndarray) -> str:
+    """The 28x28 array as a base64 PNG, to show a person what the model saw."""
+    buf = io.BytesIO()
+    Image.fromarray(digit, mode="L").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")

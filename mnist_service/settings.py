@@ -1,0 +1,61 @@
+"""The service's one settings object, read from the environment (and CLI overrides)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Each field is read from the env var of the same name, upper-cased."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    model_path: Path = Field(Path("models/mnist_cnn.pt"), description="TorchScript file to serve.")
+    metadata_path: Path | None = Field(
+        None, description="Metadata JSON; defaults to the model path with a .json suffix."
+    )
+    model_name: str = Field("mnist", description="Model name in the v2 protocol.")
+    host: str = "0.0.0.0"  # noqa: S104 - a container must listen on all interfaces
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: str = "info"
+
+    torch_threads: int = Field(
+        1,
+        ge=1,
+        description="Intra-op threads for inference. One leaves the other core to HTTP and decoding.",
+    )
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0, description="How long the batcher waits after the first request of a batch."
+    )
+    max_queue: int = Field(512, ge=1, description="Requests waiting for inference before 503s start.")
+    request_timeout_s: float = Field(
+        5.0, gt=0, description="Per-request deadline from arrival to answer; 503 after it."
+    )
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Larger images are refused as decompression bombs."
+    )
+    max_batch_files: int = Field(64, ge=1, description="Files accepted by /predict/batch and v2 N.")
+    decode_threads: int = Field(2, ge=1, description="Threads that decode uploaded images.")
+
+    shutdown_drain_seconds: float = Field(
+        5.0, ge=0, description="After SIGTERM: keep serving this long while /readyz says 503."
+    )
+    shutdown_timeout_seconds: float = Field(
+        10.0, ge=0, description="Then: how long in-flight requests get to finish."
+    )
+
+    api_key: SecretStr | None = Field(
+        None, description="When set, prediction endpoints need Bearer or X-API-Key."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Allowed CORS origins; empty means CORS is off."
+    )
+
+    @property
+    def resolved_metadata_path(self) -> Path:
+        return self.metadata_path or self.model_path.with_suffix(".json")
