@@ -31,7 +31,7 @@ class InferenceFailed(RuntimeError):
 
 @dataclass
 class _Item:
-    digits: np.ndarray  # (n, 28, 28) uint8
+    digits: np.ndarray  # (n, 28, 28), pixel units 0-255, uint8 or float32
     arrival: float
     deadline: float
     future: asyncio.Future[np.ndarray] = field(repr=False)
@@ -71,7 +71,10 @@ class Predictor:
         return str(self.metadata.get("version", "unknown"))
 
     def forward(self, digits: np.ndarray) -> np.ndarray:
-        """Probabilities (n, 10) for uint8 digits (n, 28, 28); synchronous, for the worker thread."""
+        """Probabilities (n, 10) for digits (n, 28, 28) in pixel units 0-255 (uint8 or float).
+
+        Synchronous: runs on the inference thread.
+        """
         x = torch.from_numpy(np.ascontiguousarray(digits)).to(torch.float32).unsqueeze(1)
         x = (x / 255.0 - self._mean) / self._std
         with torch.inference_mode():
@@ -103,7 +106,7 @@ class Predictor:
         self._executor.shutdown(wait=True)
 
     async def predict(self, digits: np.ndarray) -> np.ndarray:
-        """Queue digits (n, 28, 28) for the next batch and wait for their probabilities."""
+        """Queue digits (n, 28, 28), white on black in pixel units 0-255, and await probabilities (n, 10)."""
         if not self.ready:
             raise ModelNotReady()
         loop = asyncio.get_running_loop()

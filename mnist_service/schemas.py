@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import BaseModel, Field
 
 
 class Prediction(BaseModel):
@@ -18,10 +18,20 @@ class Prediction(BaseModel):
     )
 
 
+_PIXEL = {"type": "integer", "minimum": 0, "maximum": 255}
+
+
 class PixelsRequest(BaseModel):
-    pixels: list[StrictInt] | list[list[StrictInt]] = Field(
+    # Typed loosely here and checked by preprocess.pixels_to_digit, which says exactly what is
+    # wrong ("got shape [2]") where a union type's validation errors would be a riddle.
+    pixels: list[Any] = Field(
         description="784 integers 0-255, flat or as 28 rows of 28; white digit on black, used as given.",
         examples=[[0] * 784],
+        json_schema_extra={
+            "items": {"anyOf": [_PIXEL, {"type": "array", "items": _PIXEL, "minItems": 28, "maxItems": 28}]},
+            "minItems": 28,
+            "maxItems": 784,
+        },
     )
 
 
