@@ -29,7 +29,7 @@ class InferenceFailed(RuntimeError):
     """The model raised during a forward pass; details are logged, never sent to the client."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field equality: items hold numpy arrays
 class _Item:
     digits: np.ndarray  # (n, 28, 28), pixel units 0-255, uint8 or float32
     arrival: float
@@ -136,6 +136,20 @@ class Predictor:
         for confidence in probs.max(1):
             self.metrics.confidence.observe(float(confidence))
 
+    async def _get_within(self, timeout: float) -> _Item | None:
+        # Not asyncio.wait_for(queue.get()): on Python 3.11 a timeout racing a put can drop
+        # the item. A cancelled getter task either took the item (and returns it) or did not.
+        getter = asyncio.ensure_future(self._queue.get())
+        done, _ = await asyncio.wait({getter}, timeout=timeout)
+        if getter not in done:
+            getter.cancel()
+        try:
+            return await getter
+        except asyncio.CancelledError:
+            if getter.cancelled():
+                return None
+            raise
+
     async def _collect(self) -> list[_Item]:
         if self._held is not None:
             first, self._held = self._held, None
@@ -150,10 +164,10 @@ class Predictor:
                 remaining = close_at - time.perf_counter()
                 if remaining <= 0:
                     break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
+                got = await self._get_within(remaining)
+                if got is None:
                     break
+                item = got
             if images + len(item.digits) > self.max_batch_size:
                 # Too big to join: it starts the next batch instead of being split.
                 self._held = item
@@ -163,35 +177,47 @@ class Predictor:
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
-            self.metrics.queue_depth.set(self._queue.qsize())
-            now = time.perf_counter()
-            live = [it for it in batch if not it.future.done() and it.deadline > now]
-            for it in batch:
-                if it not in live and not it.future.done():
-                    it.future.set_exception(Overloaded("the request expired in the queue; retry shortly"))
-            if not live:
-                continue
-            for it in live:
-                self.metrics.queue_wait.observe(now - it.arrival)
-            digits = np.concatenate([it.digits for it in live])
-            started = time.perf_counter()
             try:
-                probs = await loop.run_in_executor(self._executor, self.forward, digits)
+                await self._step()
+            except asyncio.CancelledError:
+                raise
             except Exception:
-                logger.exception("forward pass failed for a batch of %d", len(digits))
-                for it in live:
-                    if not it.future.done():
-                        it.future.set_exception(InferenceFailed("forward pass failed"))
+                # A dead batcher would silently turn every request into a 503: log and go on.
+                logger.exception("batcher error; continuing")
+
+    async def _step(self) -> None:
+        """Collect one batch, run it on the inference thread, hand each request its rows."""
+        batch = await self._collect()
+        self.metrics.queue_depth.set(self._queue.qsize())
+        now = time.perf_counter()
+        live = []
+        for it in batch:
+            if it.future.done():  # the caller gave up (deadline) while it queued
                 continue
-            self.metrics.inference_time.observe(time.perf_counter() - started)
-            self.metrics.batch_size.observe(len(digits))
-            self._observe(probs)
-            offset = 0
+            if it.deadline <= now:
+                it.future.set_exception(Overloaded("the request expired in the queue; retry shortly"))
+                continue
+            live.append(it)
+            self.metrics.queue_wait.observe(now - it.arrival)
+        if not live:
+            return
+        digits = np.concatenate([it.digits for it in live])
+        started = time.perf_counter()
+        try:
+            probs = await asyncio.get_running_loop().run_in_executor(self._executor, self.forward, digits)
+        except Exception:
+            logger.exception("forward pass failed for a batch of %d", len(digits))
             for it in live:
-                n = len(it.digits)
                 if not it.future.done():
-                    it.future.set_result(probs[offset : offset + n])
-                offset += n
+                    it.future.set_exception(InferenceFailed("forward pass failed"))
+            return
+        self.metrics.inference_time.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(digits))
+        self._observe(probs)
+        offset = 0
+        for it in live:
+            n = len(it.digits)
+            if not it.future.done():
+                it.future.set_result(probs[offset : offset + n])
+            offset += n

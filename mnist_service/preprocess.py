@@ -23,7 +23,8 @@ BOX = 20  # MNIST fits each digit's longer side into 20 px before centring in 28
 DEFAULT_MAX_PIXELS = 40_000_000
 _INK_THRESHOLD = 0.2  # fraction of the ink's peak that counts as ink when finding the crop box
 _NOISE_FLOOR = 0.08  # below this fraction of the peak, a pixel is background noise (JPEG, paper)
-_MIN_CONTRAST = 16.0  # grey levels between background and ink below which an image is blank
+_MIN_CONTRAST = 16.0
+_MASS_CENTRE = 14.0  # grey levels between background and ink below which an image is blank
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -54,7 +55,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except (PayloadTooLarge, InvalidInput):
         raise
     except Image.DecompressionBombError as exc:
-        raise PayloadTooLarge(f"the image is too large to decode safely: {exc}") from exc
+        # PIL refuses on its own past twice its limit, before we can read the size.
+        raise PayloadTooLarge(
+            f"the image is over the limit of {max_pixels} pixels (a decompression bomb?): scale it down"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise InvalidInput(
             "the file is not an image PIL can read: send PNG, JPEG, BMP, GIF, WebP or TIFF"
