@@ -16,7 +16,6 @@ from mnist_service.api import create_app
 from mnist_service.images import png_bytes, user_digit
 from mnist_service.settings import Settings
 
-
 _NOISE_PNG = png_bytes(Image.fromarray(np.random.default_rng(1).integers(0, 256, (100, 100), dtype=np.uint8)))
 
 
