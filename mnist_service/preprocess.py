@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from mnist_service.errors import InvalidInput, PayloadTooLarge
 
@@ -23,8 +23,12 @@ BOX = 20  # MNIST fits each digit's longer side into 20 px before centring in 28
 DEFAULT_MAX_PIXELS = 40_000_000
 _INK_THRESHOLD = 0.2  # fraction of the ink's peak that counts as ink when finding the crop box
 _NOISE_FLOOR = 0.08  # below this fraction of the peak, a pixel is background noise (JPEG, paper)
-_MIN_CONTRAST = 16.0
-_MASS_CENTRE = 14.0  # grey levels between background and ink below which an image is blank
+_MIN_CONTRAST = 16.0  # grey levels between background and ink below which an image is blank
+_MASS_CENTRE = 14.0
+_LOCAL_BG_MIN_SIDE = 96  # smaller images (MNIST itself, icons) have a flat background
+_LOCAL_BG_SIDE = 64  # the background is estimated on a copy this size
+_LOCAL_BG_WINDOW = 15  # px of that copy: wider than a pen stroke
+_UNEVEN_BORDER = 12.0  # grey levels between the border's 5th and 95th percentiles
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -90,24 +94,24 @@ def _to_grey(img: Image.Image) -> np.ndarray:
     return composite
 
 
-def normalize_digit(grey: np.ndarray) -> np.ndarray:
+def normalize_digit(grey: np.ndarray, ink_threshold: float | None = None) -> np.ndarray:
     """Grey image of any size and polarity -> 28x28 uint8, white digit centred on black."""
     grey = np.asarray(grey, dtype=np.float32)
     if grey.ndim != 2 or grey.size == 0:
         raise InvalidInput("the image must be two-dimensional and non-empty")
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    background = float(np.median(border))
     # A light border means dark ink on paper: invert to MNIST's white on black.
-    ink = grey - background if background < 128 else background - grey
-    ink = np.clip(ink, 0, None)
+    bright_ink = grey if float(np.median(border)) < 128 else 255.0 - grey
+    ink = np.clip(bright_ink - _background(bright_ink), 0, None)
     peak = float(ink.max())
     if peak < _MIN_CONTRAST:
         raise InvalidInput("the image is blank: no digit stands out from the background")
     ink = ink / peak
     ink[ink < _NOISE_FLOOR] = 0.0
 
-    rows = np.flatnonzero((ink >= _INK_THRESHOLD).any(axis=1))
-    cols = np.flatnonzero((ink >= _INK_THRESHOLD).any(axis=0))
+    threshold = _INK_THRESHOLD if ink_threshold is None else ink_threshold
+    rows = np.flatnonzero((ink >= threshold).any(axis=1))
+    cols = np.flatnonzero((ink >= threshold).any(axis=0))
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
     h, w = crop.shape
@@ -119,6 +123,26 @@ def normalize_digit(grey: np.ndarray) -> np.ndarray:
     )
     resized = np.clip(resized, 0.0, 1.0)
     return _centre_by_mass(resized)
+
+
+def _background(bright_ink: np.ndarray) -> np.ndarray | float:
+    """The background level under the ink: flat for small images, local for photos.
+
+    Photos of paper are lit unevenly, so one level leaves a bright corner that looks like ink.
+    A grey-level opening (min then max filter) wider than any stroke erases the strokes and
+    keeps the slowly varying light; it runs on a small copy, since light varies slowly.
+    """
+    h, w = bright_ink.shape
+    border = np.concatenate([bright_ink[0], bright_ink[-1], bright_ink[:, 0], bright_ink[:, -1]])
+    low, flat, high = np.percentile(border, [5, 50, 95])
+    # Digital drawings and scans have an even border; only an uneven one calls for the local
+    # estimate, which can nibble at very thick strokes.
+    if min(h, w) < _LOCAL_BG_MIN_SIDE or high - low < _UNEVEN_BORDER:
+        return float(flat)
+    factor = _LOCAL_BG_SIDE / max(h, w)
+    small = Image.fromarray(bright_ink, mode="F").resize((max(1, round(w * factor)), max(1, round(h * factor))))
+    opened = small.filter(ImageFilter.MinFilter(_LOCAL_BG_WINDOW)).filter(ImageFilter.MaxFilter(_LOCAL_BG_WINDOW))
+    return np.asarray(opened.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def _resample(scale: float) -> Image.Resampling:
