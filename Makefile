@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MODEL ?= models/mnist_cnn.pt
 IMAGE ?= mnist-service:1.0.0
 
-.PHONY: run test train lint bench image clean
+.PHONY: run test train lint bench image image-test clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ run: $(VENV)/.runtime $(MODEL)
 
 test: $(VENV)/.dev $(TOOLS_VENV)/.installed
 	$(PY) -m pytest
+
+CONTAINER ?= docker
+
+image: $(MODEL)
+	$(CONTAINER) build -t $(IMAGE) .
+
+# Builds with podman and runs the image for real (read-only, SIGTERM stop); what CI runs.
+image-test: $(VENV)/.runtime $(MODEL)
+	IMAGE=$(IMAGE) scripts/container_smoke.sh
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -1,0 +1,75 @@
+# syntax=docker/dockerfile:1
+# MNIST inference service: CPU-only torch, non-root, read-only-rootfs friendly.
+#   docker build -t mnist-service:1.0.0 .    (needs models/mnist_cnn.pt + .json: `make train`)
+# BASE_IMAGE and PIP_EXTRA_ARGS are arguments so that an offline machine can swap in a
+# locally built Debian base and a local wheel folder (see scripts/container_smoke.sh).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+#checkov:skip=CKV_DOCKER_7: BASE_IMAGE defaults to the pinned python:3.11-slim-bookworm tag; checkov cannot resolve ARGs in FROM
+FROM ${BASE_IMAGE} AS build
+# PyPI's Linux torch wheel pulls in several GB of CUDA; PyTorch's CPU index has the +cpu build,
+# which sorts above the PyPI one for the same `torch==` pin.
+ARG PIP_EXTRA_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# binutils only for `strip` below; it stays in this stage.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends binutils \
+    && rm -rf /var/lib/apt/lists/*
+# `python3 -m venv` works on the official image (/usr/local/bin) and on plain Debian (/usr/bin).
+RUN python3 -m venv /opt/venv
+COPY requirements.txt /tmp/requirements.txt
+RUN /opt/venv/bin/pip install ${PIP_EXTRA_ARGS} -r /tmp/requirements.txt \
+    && if /opt/venv/bin/pip list 2>/dev/null | grep -iE '^(nvidia|triton)'; then \
+         echo "CUDA packages were installed: torch must be the +cpu build" >&2; exit 1; fi
+# Serving only loads TorchScript and runs it on the CPU. Everything removed here is never
+# imported or dlopen'ed on that path; scripts/container_smoke.sh proves load + predict after it:
+# - torch's C++ headers, C++ test binaries and libs, CMake files, static libs (but not
+#   bin/torch_shm_manager, whose presence `import torch` checks);
+# - sympy/mpmath/networkx/jinja2/fsspec/filelock: used only by torch.compile, export and hub;
+# - numpy's test suites;
+# - symbol tables of torch's and uvloop's shared libs (dynamic symbols stay). Not the libraries
+#   auditwheel patched (numpy, Pillow, *.libs): strip breaks them ("not page-aligned").
+# - pip and setuptools: nothing is installed at runtime.
+RUN set -eux; \
+    site="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"; \
+    torch_dir="$site/torch"; \
+    /opt/venv/bin/pip uninstall -y sympy mpmath networkx jinja2 MarkupSafe fsspec filelock; \
+    rm -rf "$torch_dir/include" "$torch_dir/test" "$torch_dir/share" \
+           "$torch_dir"/lib/*test*.so "$torch_dir/lib/libaoti_custom_ops.so" \
+           "$torch_dir/lib/libbackend_with_compiler.so"; \
+    find "$torch_dir/bin" -mindepth 1 ! -name torch_shm_manager -exec rm -rf {} +; \
+    find /opt/venv -name '*.a' -delete; \
+    find "$site/numpy" -depth -type d -name tests -exec rm -rf {} +; \
+    strip --strip-unneeded "$torch_dir"/lib/*.so* "$torch_dir"/_C*.so "$site"/uvloop/*.so \
+          "$site"/httptools/parser/*.so; \
+    /opt/venv/bin/python -c 'import torch, fastapi, uvicorn, PIL, numpy'; \
+    /opt/venv/bin/pip uninstall -y pip setuptools
+
+FROM ${BASE_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="mnist-service" \
+      org.opencontainers.image.description="MNIST digit classifier over HTTP (FastAPI + TorchScript, CPU)"
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH \
+    MODEL_PATH=/app/models/mnist_cnn.pt \
+    HOST=0.0.0.0 \
+    PORT=8000
+# A numeric uid lets Kubernetes' runAsNonRoot verify it without reading /etc/passwd.
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin app
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+# Code and model stay root-owned: the service user can read but never change them.
+COPY mnist_service/ mnist_service/
+COPY model_inference.py ./
+COPY models/mnist_cnn.pt models/mnist_cnn.json models/
+# Bytecode compiled now, because the root filesystem is read-only at runtime.
+RUN python -m compileall -q mnist_service model_inference.py
+USER 10001:10001
+EXPOSE 8000
+# stdlib only: no curl in the image. Any non-2xx or refused connection raises -> unhealthy.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=4)"]
+# Exec form: python is PID 1 and gets SIGTERM itself, which starts the graceful drain.
+CMD ["python", "model_inference.py"]
