@@ -64,6 +64,9 @@ class Predictor:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
         self._held: _Item | None = None  # an item that did not fit the last batch
+        # The batch being collected or computed: stop() must answer these too, or their callers
+        # would wait out their whole deadline after the batcher is gone.
+        self._current: list[_Item] = []
         self.ready = False
 
     @property
@@ -97,7 +100,7 @@ class Predictor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        leftovers = [self._held] if self._held else []
+        leftovers = [*self._current, *([self._held] if self._held else [])]
         while not self._queue.empty():
             leftovers.append(self._queue.get_nowait())
         for item in leftovers:
@@ -155,7 +158,8 @@ class Predictor:
             first, self._held = self._held, None
         else:
             first = await self._queue.get()
-        batch, images = [first], len(first.digits)
+        self._current = batch = [first]
+        images = len(first.digits)
         close_at = first.arrival + self.max_batch_delay
         while images < self.max_batch_size:
             try:

@@ -18,7 +18,7 @@ class Settings(BaseSettings):
         None, description="Metadata JSON; defaults to the model path with a .json suffix."
     )
     model_name: str = Field("mnist", description="Model name in the v2 protocol.")
-    host: str = "0.0.0.0"  # noqa: S104 - a container must listen on all interfaces
+    host: str = "0.0.0.0"  # noqa: S104  # nosec B104 - a container must listen on all interfaces
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
 

@@ -21,10 +21,10 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_service.data import load_split  # noqa: E402
-from mnist_service.images import png_bytes, user_digit  # noqa: E402
-from mnist_service.model import load_verified, optimize_for_serving  # noqa: E402
-from mnist_service.preprocess import image_to_digit  # noqa: E402
+from mnist_service.data import load_split
+from mnist_service.images import png_bytes, user_digit
+from mnist_service.model import load_verified, optimize_for_serving
+from mnist_service.preprocess import image_to_digit
 
 
 def _jpeg(img: Image.Image) -> bytes:
