@@ -29,7 +29,10 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_delay_ms: float = Field(
-        2.0, ge=0, description="How long the batcher waits after the first request of a batch."
+        0.0,
+        ge=0,
+        description="How long the batcher waits after the first request of a batch. 0 = batch whatever "
+        "queued during the previous forward pass (measured best here: benchmarks/batching.md).",
     )
     max_queue: int = Field(512, ge=1, description="Requests waiting for inference before 503s start.")
     request_timeout_s: float = Field(
