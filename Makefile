@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MODEL ?= models/mnist_cnn.pt
 IMAGE ?= mnist-service:1.0.0
 
-.PHONY: run test train lint bench image image-test clean
+.PHONY: run test train lint bench bench-quick image image-test clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ image: $(MODEL)
 # Builds with podman and runs the image for real (read-only, SIGTERM stop); what CI runs.
 image-test: $(VENV)/.runtime $(MODEL)
 	IMAGE=$(IMAGE) scripts/container_smoke.sh
+
+# Side-by-side benchmark on loopback: ours vs a plain FastAPI baseline vs LitServe (own venv).
+bench: $(VENV)/.runtime $(MODEL)
+	$(PY) -m benchmarks.model_speed --model $(MODEL)
+	$(PY) -m benchmarks.run --model $(MODEL)
+
+bench-quick: $(VENV)/.runtime $(MODEL)
+	$(PY) -m benchmarks.run --model $(MODEL) --quick
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

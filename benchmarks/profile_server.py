@@ -1,0 +1,102 @@
+"""Where our server spends its CPU under load: py-spy samples, grouped by thread and by stage.
+
+    .venv/bin/python -m benchmarks.profile_server [--concurrency 32] [--duration 15]
+
+Starts our server, loads it with hey (multipart PNG uploads), records it with py-spy twice (every
+active thread, then only the thread holding the GIL), and prints the share of samples per stage.
+Needs py-spy in the venv (`pip install py-spy`); the flame graphs land in benchmarks/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.run import OUT, digit_image, free_port
+from benchmarks.servers import ensure_hey, running, server_spec
+from mnist_service.stress import build_payload
+
+# First match wins, checked from the leaf frame up: the stage a sample is spent in.
+STAGES = (
+    ("torch forward", ("torch/", "forward (mnist_service/predictor.py", "_call_impl")),
+    ("image decode + preprocess (PIL, numpy)", ("PIL/", "mnist_service/preprocess.py", "numpy/")),
+    ("multipart parsing", ("multipart/", "formparsers.py", "datastructures.py")),
+    ("logging", ("logging/",)),
+    ("metrics", ("prometheus_client/",)),
+    ("response encoding (pydantic, json)", ("pydantic", "json/", "encoders.py", "to_predictions")),
+    ("HTTP protocol (uvicorn, httptools)", ("uvicorn/protocols", "httptools")),
+    ("routing + middleware (fastapi, starlette)", ("fastapi/", "starlette/", "mnist_service/middleware.py")),
+    ("thread handoff (concurrent.futures, threading)", ("concurrent/futures", "threading.py", "queue.py")),
+    ("event loop (asyncio, uvloop)", ("asyncio/", "uvloop", "run_until_complete")),
+)
+
+
+def stage_of(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for stage, needles in STAGES:
+            if any(n in frame for n in needles):
+                return stage
+    return "other"
+
+
+def summarise(raw_file: Path) -> tuple[Counter[str], Counter[str], int]:
+    """Samples per stage and per thread from py-spy's collapsed ('raw') output."""
+    stages: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    for line in raw_file.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        n = int(count)
+        threads[frames[0].split(": ", 1)[-1]] += n  # "thread (1234): decode_0" -> "decode_0"
+        stages[stage_of(frames)] += n
+    return stages, threads, sum(stages.values())
+
+
+def report(title: str, raw_file: Path) -> str:
+    stages, threads, total = summarise(raw_file)
+    lines = [f"{title}: {total} samples"]
+    lines += [f"  {100 * n / total:5.1f}%  {stage}" for stage, n in stages.most_common()]
+    lines += ["  by thread:"] + [f"  {100 * n / total:5.1f}%  {t}" for t, n in threads.most_common(8)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("models/mnist_cnn.pt"))
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--duration", type=int, default=15, help="seconds per py-spy recording")
+    parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    args = parser.parse_args()
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    OUT.mkdir(parents=True, exist_ok=True)
+    ensure_hey()
+    image = digit_image(None)
+    payload = build_payload(image.read_bytes(), "multipart")
+    body = OUT / "body.bin"
+    body.write_bytes(payload.body)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    sections = []
+    with running(server_spec("ours", args.model, port), url, payload, OUT / "profile-server.log") as pid:
+        hey = subprocess.Popen(
+            ["hey", "-z", f"{2 * args.duration + 6}s", "-c", str(args.concurrency), "-m", "POST", "-D", str(body),
+             "-T", payload.content_type, url + payload.path],
+            stdout=subprocess.PIPE, text=True,
+        )
+        for name, extra in (("all-threads", ["--threads"]), ("gil", ["--threads", "--gil"])):
+            raw = OUT / f"profile-{name}.txt"
+            record = [py_spy, "record", "--pid", str(pid), "--duration", str(args.duration), "--rate", str(args.rate),
+                      "--nonblocking", *extra]
+            subprocess.run([*record, "--format", "raw", "-o", str(raw)], check=True, capture_output=True)
+            sections.append(report(f"{name} ({' '.join(extra)})", raw))
+        hey_out = hey.communicate()[0]
+    print("\n\n".join(sections))
+    print("\nhey during the recordings:\n" + "\n".join(hey_out.splitlines()[:12]))
+
+
+if __name__ == "__main__":
+    main()
