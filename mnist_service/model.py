@@ -22,31 +22,33 @@ class ModelLoadError(RuntimeError):
     """The model file is missing, unreadable or does not match its metadata."""
 
 
-def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-
 class Net(nn.Module):
-    """A small CNN for 1x28x28 digits that downsamples early to stay cheap per image.
+    """Two stride-2 convolutions and a small MLP head: about 1.26 M multiply-adds per image.
 
-    Three conv blocks at 28, 14 and 7 px, then a flattened 3x3 map into one linear layer.
+    Found by measuring accuracy per FLOP (see README): on the CPU each conv costs a fixed
+    ~30 us per call at batch 1 whatever its size, so two wide-enough convs beat three narrow ones.
     """
 
-    def __init__(self, channels: tuple[int, int, int] = (16, 32, 64)) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        c1, c2, c3 = channels
         self.features = nn.Sequential(
-            *_conv_bn(1, c1),
-            nn.MaxPool2d(2),  # 28 -> 14
-            *_conv_bn(c1, c2),
-            nn.MaxPool2d(2),  # 14 -> 7
-            *_conv_bn(c2, c3),
-            nn.MaxPool2d(2),  # 7 -> 3
+            nn.Conv2d(1, 32, kernel_size=5, stride=2, padding=2, bias=False),  # 28 -> 14
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, kernel_size=3, stride=2, padding=1, bias=False),  # 14 -> 7
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(c3 * 9, 10))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 64),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.1),
+            nn.Linear(64, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.head(self.features(x))
 
 
 def count_macs(model: nn.Module, input_shape: list[int] = INPUT_SHAPE) -> int:
