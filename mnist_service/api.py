@@ -46,9 +46,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     torch.set_num_threads(settings.torch_threads)
     predictor = await asyncio.to_thread(load_predictor, settings, app.state.metrics)
-    app.state.metrics.model_info.info(
-        {"version": predictor.version, "test_accuracy": str(predictor.metadata.get("test_accuracy"))}
-    )
+    app.state.metrics.model_info.labels(predictor.version, str(predictor.metadata.get("test_accuracy"))).set(1)
     app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     await predictor.start()
     app.state.predictor = predictor
@@ -91,7 +89,7 @@ async def _inference_failed(request: Request, exc: InferenceFailed) -> JSONRespo
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the model loads when the app's lifespan starts."""
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics(multiprocess_mode=settings.prometheus_multiproc_dir is not None)
     app = FastAPI(
         title="MNIST digit classifier",
         summary="Upload an image of a handwritten digit, get the digit back.",

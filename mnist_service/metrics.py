@@ -1,12 +1,13 @@
 """Prometheus metrics, in a registry each app owns (so tests can build many apps side by side).
 
-The server runs one process (see README: one event loop + one inference thread fits two
-cores best), so prometheus_client's multiprocess mode is not needed.
+With several worker processes (WORKERS > 1) every process writes its samples to files in a
+shared folder (prometheus_client's multiprocess mode) and /metrics adds them up, so a scrape
+that reaches any worker sees the whole server.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -15,7 +16,8 @@ _FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 class Metrics:
     """All the service's metrics; the names share the `mnist_` prefix."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_mode: bool = False) -> None:
+        self.multiprocess_mode = multiprocess_mode
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -34,7 +36,9 @@ class Metrics:
         self.queue_wait = Histogram(
             "mnist_queue_wait_seconds", "Time a request waited for its forward pass.", buckets=_FAST_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("mnist_queue_depth", "Requests waiting for inference.", registry=r)
+        self.queue_depth = Gauge(
+            "mnist_queue_depth", "Requests waiting for inference.", multiprocess_mode="livesum", registry=r
+        )
         self.rejected = Counter(
             "mnist_rejected", "Requests refused for overload, by reason.", ["reason"], registry=r
         )
@@ -43,7 +47,15 @@ class Metrics:
             "mnist_prediction_confidence", "Top-class probability; a shift is a drift signal.",
             buckets=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0), registry=r,
         )
-        self.model_info = Info("mnist_model", "The model being served.", registry=r)
+        # A gauge fixed at 1, not an Info: multiprocess mode cannot aggregate Info metrics.
+        self.model_info = Gauge(
+            "mnist_model_info", "The model being served.", ["version", "test_accuracy"],
+            multiprocess_mode="max", registry=r,
+        )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess_mode:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)

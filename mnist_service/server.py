@@ -9,14 +9,22 @@ A second SIGTERM or SIGINT exits at once. The process exits 0 after a graceful s
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import shutil
 import signal
+import socket
+import sys
+import tempfile
 import time
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
 from mnist_service.api import create_app
+from mnist_service.logconfig import configure_logging
 from mnist_service.model import ModelLoadError, read_verified_metadata
 from mnist_service.settings import Settings
 
@@ -58,9 +66,14 @@ def serve(settings: Settings) -> int:
     except ModelLoadError as exc:
         logger.error("cannot start: %s", exc)
         return 2
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
+    if settings.workers <= 1:
+        return _run_worker(settings)
+    return _supervise(settings)
+
+
+def _uvicorn_config(settings: Settings, app: FastAPI | None = None) -> uvicorn.Config:
+    return uvicorn.Config(
+        app or "mnist_service.api:create_app",
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -69,6 +82,65 @@ def serve(settings: Settings) -> int:
         log_config=None,  # keep the logging configured by the entry point
         server_header=False,
     )
-    server = DrainingServer(config, app, settings.shutdown_drain_seconds)
-    server.run()
+
+
+def _run_worker(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+    app = create_app(settings)
+    server = DrainingServer(_uvicorn_config(settings, app), app, settings.shutdown_drain_seconds)
+    server.run(sockets=sockets)
     return 0 if server.started else 1
+
+
+def _worker_main(settings: Settings, sock: socket.socket) -> None:
+    """Entry point of a spawned worker process."""
+    configure_logging(settings.log_level)
+    sys.exit(_run_worker(settings, [sock]))
+
+
+def _supervise(settings: Settings) -> int:
+    """Run `settings.workers` server processes on one listening socket.
+
+    Several processes, each with one event loop and one inference thread, are what keeps two
+    cores busy: in one process the GIL serialises HTTP parsing and image decoding. Signals are
+    forwarded, so each worker drains on its own. A worker that dies unexpectedly stops the rest:
+    the supervisor (Kubernetes, Docker) restarts the whole, which is simpler to reason about.
+    """
+    metrics_dir = Path(tempfile.mkdtemp(prefix="mnist-metrics-"))
+    # prometheus_client's multiprocess mode is chosen from this variable when a worker imports it.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    sock = _uvicorn_config(settings).bind_socket()
+    worker_settings = settings.model_copy(update={"prometheus_multiproc_dir": metrics_dir})
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_worker_main, args=(worker_settings, sock), name=f"worker-{i}")
+        for i in range(settings.workers)
+    ]
+    stopping = False
+
+    def forward(sig: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, sig)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for worker in workers:
+            worker.start()
+        # Each worker holds its own duplicate now. Ours must go, or the kernel would keep
+        # accepting connections that nobody serves once the workers close theirs.
+        sock.close()
+        logger.info("supervising %d workers on %s:%d", len(workers), settings.host, settings.port)
+        while any(w.is_alive() for w in workers):
+            for worker in workers:
+                worker.join(timeout=0.2)
+                if not worker.is_alive() and worker.exitcode != 0 and not stopping:
+                    logger.error("worker %s exited with code %s: stopping the others", worker.name, worker.exitcode)
+                    forward(signal.SIGTERM, None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0 if all(w.exitcode == 0 for w in workers) else 1

@@ -22,10 +22,16 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
 
+    workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Server processes. Each has one event loop and one inference thread: two fill two cores.",
+    )
     torch_threads: int = Field(
         1,
         ge=1,
-        description="Intra-op threads for inference. One leaves the other core to HTTP and decoding.",
+        description="Intra-op threads per worker for inference; with one per worker the workers share the cores.",
     )
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_delay_ms: float = Field(
@@ -50,6 +56,10 @@ class Settings(BaseSettings):
     )
     shutdown_timeout_seconds: float = Field(
         10.0, ge=0, description="Then: how long in-flight requests get to finish."
+    )
+
+    prometheus_multiproc_dir: Path | None = Field(
+        None, description="Set by the server itself when it runs several workers: where their metrics meet."
     )
 
     api_key: SecretStr | None = Field(

@@ -126,3 +126,22 @@ def test_stress_tester_fails_on_errors(server: str, tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "422: 20" in result.stdout and "exceeds --max-error-rate" in result.stderr
+
+
+def _pixels_200s(url: str) -> float:
+    line = 'mnist_requests_total{endpoint="/predict/pixels",method="POST",status="200"}'
+    for row in httpx.get(f"{url}/metrics").text.splitlines():
+        if row.startswith(line):
+            return float(row.split()[-1])
+    return 0.0
+
+
+def test_metrics_add_up_across_worker_processes(server: str) -> None:
+    """The server runs two workers by default; every scrape must count both workers' requests."""
+    before = _pixels_200s(server)
+    for _ in range(60):
+        # A new connection each time, so the kernel spreads the requests over the workers.
+        response = httpx.post(f"{server}/predict/pixels", json={"pixels": [0] * 784}, headers={"Connection": "close"})
+        assert response.status_code == 200
+    scrapes = {_pixels_200s(server) - before for _ in range(6)}
+    assert scrapes == {60.0}, scrapes
