@@ -78,10 +78,10 @@ class Predictor:
 
         Synchronous: runs on the inference thread.
         """
-        x = torch.from_numpy(np.ascontiguousarray(digits)).to(torch.float32).unsqueeze(1)
-        x = (x / 255.0 - self._mean) / self._std
+        # Normalise in numpy: for one tiny image each torch op costs more than the arithmetic.
+        x = digits.astype(np.float32) * np.float32(1 / (255.0 * self._std)) - np.float32(self._mean / self._std)
         with torch.inference_mode():
-            logits = self.module(x)
+            logits = self.module(torch.from_numpy(x[:, None]))
             return torch.softmax(logits.float(), dim=1).numpy()
 
     def warm_up(self, rounds: int = 20) -> None:
@@ -123,14 +123,21 @@ class Predictor:
                 f"the inference queue is full ({self._queue.maxsize} requests waiting); retry shortly"
             ) from None
         self.metrics.queue_depth.set(self._queue.qsize())
+        # A timer on the future rather than asyncio.wait_for(shield(...)): two fewer tasks per request.
+        timer = loop.call_at(loop.time() + self.request_timeout, self._expire, item.future)
         try:
-            return await asyncio.wait_for(asyncio.shield(item.future), self.request_timeout)
-        except TimeoutError:
-            item.future.cancel()  # the batcher skips cancelled items
+            return await item.future
+        finally:
+            timer.cancel()
+
+    def _expire(self, future: asyncio.Future[np.ndarray]) -> None:
+        if not future.done():  # the batcher skips finished items
             self.metrics.rejected.labels("deadline").inc()
-            raise Overloaded(
-                f"no answer within the {self.request_timeout:g}s deadline; the server is overloaded, retry shortly"
-            ) from None
+            future.set_exception(
+                Overloaded(
+                    f"no answer within the {self.request_timeout:g}s deadline; the server is overloaded, retry shortly"
+                )
+            )
 
     def _observe(self, probs: np.ndarray) -> None:
         for digit, count in enumerate(np.bincount(probs.argmax(1), minlength=10)):

@@ -110,10 +110,16 @@ def normalize_digit(grey: np.ndarray, ink_threshold: float | None = None) -> np.
     grey = np.asarray(grey, dtype=np.float32)
     if grey.ndim != 2 or grey.size == 0:
         raise InvalidInput("the image must be two-dimensional and non-empty")
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    # The border's 5th, 50th and 95th percentiles, by sorting once (np.percentile costs more
+    # than the arithmetic at these sizes).
+    border = np.sort(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]))
+    low, mid, high = (float(border[int(q * (len(border) - 1))]) for q in (0.05, 0.5, 0.95))
     # A light border means dark ink on paper: invert to MNIST's white on black.
-    bright_ink = grey if float(np.median(border)) < 128 else 255.0 - grey
-    ink = np.clip(bright_ink - _background(bright_ink), 0, None)
+    if mid < 128:
+        bright_ink, flat = grey, mid
+    else:
+        bright_ink, flat = 255.0 - grey, 255.0 - mid
+    ink = np.clip(bright_ink - _background(bright_ink, flat, uneven=high - low >= _UNEVEN_BORDER), 0, None)
     peak = float(ink.max())
     if peak < _MIN_CONTRAST:
         raise InvalidInput("the image is blank: no digit stands out from the background")
@@ -136,7 +142,7 @@ def normalize_digit(grey: np.ndarray, ink_threshold: float | None = None) -> np.
     return _centre_by_mass(resized)
 
 
-def _background(bright_ink: np.ndarray) -> np.ndarray | float:
+def _background(bright_ink: np.ndarray, flat: float, uneven: bool) -> np.ndarray | float:
     """The background level under the ink: flat for small images, local for photos.
 
     Photos of paper are lit unevenly, so one level leaves a bright corner that looks like ink.
@@ -144,12 +150,10 @@ def _background(bright_ink: np.ndarray) -> np.ndarray | float:
     keeps the slowly varying light; it runs on a small copy, since light varies slowly.
     """
     h, w = bright_ink.shape
-    border = np.concatenate([bright_ink[0], bright_ink[-1], bright_ink[:, 0], bright_ink[:, -1]])
-    low, flat, high = np.percentile(border, [5, 50, 95])
     # Digital drawings and scans have an even border; only an uneven one calls for the local
     # estimate, which can nibble at very thick strokes.
-    if min(h, w) < _LOCAL_BG_MIN_SIDE or high - low < _UNEVEN_BORDER:
-        return float(flat)
+    if min(h, w) < _LOCAL_BG_MIN_SIDE or not uneven:
+        return flat
     factor = _LOCAL_BG_SIDE / max(h, w)
     small = Image.fromarray(bright_ink, mode="F").resize((max(1, round(w * factor)), max(1, round(h * factor))))
     opened = small.filter(ImageFilter.MinFilter(_LOCAL_BG_WINDOW)).filter(ImageFilter.MaxFilter(_LOCAL_BG_WINDOW))
