@@ -8,8 +8,10 @@ A second SIGTERM or SIGINT exits at once. The process exits 0 after a graceful s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
+import multiprocessing.context
 import os
 import shutil
 import signal
@@ -17,6 +19,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Generator
 from pathlib import Path
 from types import FrameType
 
@@ -31,14 +34,53 @@ from mnist_service.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+class StopRequests:
+    """The supervisor's record of forwarded signals, shared with its workers.
+
+    A worker starts with SIGINT and SIGTERM ignored (inherited), because a signal that lands
+    while it imports torch would kill it with a traceback. Once its handlers are installed it
+    reads this record, so a stop requested meanwhile is not lost; the count makes each
+    forwarded signal count once, whether it arrives as a signal or is read here.
+    """
+
+    def __init__(self, context: multiprocessing.context.SpawnContext) -> None:
+        self.count = context.Value("i", 0)
+        self.last_signal = context.Value("i", 0)
+
+    def record(self, sig: int) -> None:
+        with self.count.get_lock():
+            self.last_signal.value = sig
+            self.count.value += 1
+
+
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, app: FastAPI, drain_seconds: float, stops: StopRequests | None = None
+    ) -> None:
         super().__init__(config)
         self.app = app
         self.drain_seconds = drain_seconds
+        self.stops = stops
+        self._stops_seen = 0
         self._drain_until: float | None = None
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        with super().capture_signals():
+            if self.stops is not None and self.stops.count.value > self._stops_seen:
+                self.handle_exit(self.stops.last_signal.value, None)
+            yield
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.stops is None:
+            self._act(sig)
+            return
+        # Act once per forwarded signal: two may have been recorded before the first arrived.
+        while self._stops_seen < self.stops.count.value:
+            self._stops_seen += 1
+            self._act(sig)
+
+    def _act(self, sig: int) -> None:
         # Not recorded in _captured_signals: uvicorn would re-raise it after shutdown and
         # the default SIGTERM action would turn a clean stop into exit code 143.
         if self._drain_until is not None or self.should_exit:
@@ -84,17 +126,19 @@ def _uvicorn_config(settings: Settings, app: FastAPI | None = None) -> uvicorn.C
     )
 
 
-def _run_worker(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+def _run_worker(
+    settings: Settings, sockets: list[socket.socket] | None = None, stops: StopRequests | None = None
+) -> int:
     app = create_app(settings)
-    server = DrainingServer(_uvicorn_config(settings, app), app, settings.shutdown_drain_seconds)
+    server = DrainingServer(_uvicorn_config(settings, app), app, settings.shutdown_drain_seconds, stops)
     server.run(sockets=sockets)
     return 0 if server.started else 1
 
 
-def _worker_main(settings: Settings, sock: socket.socket) -> None:
+def _worker_main(settings: Settings, sock: socket.socket, stops: StopRequests) -> None:
     """Entry point of a spawned worker process."""
     configure_logging(settings.log_level)
-    sys.exit(_run_worker(settings, [sock]))
+    sys.exit(_run_worker(settings, [sock], stops))
 
 
 def _supervise(settings: Settings) -> int:
@@ -111,8 +155,9 @@ def _supervise(settings: Settings) -> int:
     sock = _uvicorn_config(settings).bind_socket()
     worker_settings = settings.model_copy(update={"prometheus_multiproc_dir": metrics_dir})
     context = multiprocessing.get_context("spawn")
+    stops = StopRequests(context)
     workers = [
-        context.Process(target=_worker_main, args=(worker_settings, sock), name=f"worker-{i}")
+        context.Process(target=_worker_main, args=(worker_settings, sock, stops), name=f"worker-{i}")
         for i in range(settings.workers)
     ]
     stopping = False
@@ -120,14 +165,19 @@ def _supervise(settings: Settings) -> int:
     def forward(sig: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
+        stops.record(sig)
         for worker in workers:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, sig)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handled = (signal.SIGTERM, signal.SIGINT)
+    # Ignored dispositions survive exec: the workers start deaf and read `stops` when ready.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in handled}
     try:
         for worker in workers:
             worker.start()
+        for sig in handled:
+            signal.signal(sig, forward)
         # Each worker holds its own duplicate now. Ours must go, or the kernel would keep
         # accepting connections that nobody serves once the workers close theirs.
         sock.close()

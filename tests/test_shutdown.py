@@ -218,7 +218,8 @@ def test_sigterm_drains_under_load_without_dropping_a_request(start_server, tmp_
     assert load_ended < drain_ends, f"the load ran {load_ended - drain_ends:.2f}s past the drain window"
 
     # Readiness: 200 before the signal; every probe sent 100 ms or more after it got 503.
-    before = [status for sent, status in probe.samples if sent < signalled]
+    # A probe sent in the last few ms before the signal may be answered after it: not counted.
+    before = [status for sent, status in probe.samples if sent < signalled - 0.05]
     after = [(sent - signalled, status) for sent, status in probe.samples if sent >= signalled + 0.1]
     assert before and set(before) == {200}, set(before)
     assert len(after) >= 10, f"too few readiness probes after the signal: {len(after)}"
