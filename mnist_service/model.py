@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -11,15 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mnist_service.integrity import ModelLoadError, read_verified_metadata, sha256_file
+
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.json"  # name of the metadata embedded in the .pt via _extra_files
 CLASS_LABELS = [str(d) for d in range(10)]
 INPUT_SHAPE = [1, 1, 28, 28]
-
-
-class ModelLoadError(RuntimeError):
-    """The model file is missing, unreadable or does not match its metadata."""
 
 
 class Net(nn.Module):
@@ -76,14 +73,6 @@ def count_macs(model: nn.Module, input_shape: list[int] = INPUT_SHAPE) -> int:
     return total
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def export(model: nn.Module, metadata: dict[str, Any], output_dir: Path, name: str = "mnist_cnn") -> Path:
     """Script the model, save it with the metadata embedded, and write the JSON beside it.
 
@@ -98,27 +87,6 @@ def export(model: nn.Module, metadata: dict[str, Any], output_dir: Path, name: s
     full = {"version": sha256_file(pt_path), **metadata}
     pt_path.with_suffix(".json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
     return pt_path
-
-
-def read_verified_metadata(pt_path: Path, metadata_path: Path) -> dict[str, Any]:
-    """The model's metadata, only if the model file's sha256 is the one it records."""
-    if not pt_path.is_file():
-        raise ModelLoadError(f"model file {pt_path} not found: train one with `python model_train.py`")
-    if not metadata_path.is_file():
-        raise ModelLoadError(f"model metadata {metadata_path} not found beside the model")
-    try:
-        metadata = json.loads(metadata_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model metadata {metadata_path} is not valid JSON: {exc}") from exc
-    if not isinstance(metadata, dict):
-        raise ModelLoadError(f"model metadata {metadata_path} must be a JSON object")
-    actual = sha256_file(pt_path)
-    if metadata.get("version") != actual:
-        raise ModelLoadError(
-            f"model file {pt_path} has sha256 {actual[:12]} but {metadata_path.name} expects "
-            f"{str(metadata.get('version'))[:12]}: the file is truncated, tampered with or from another run"
-        )
-    return metadata
 
 
 def load_verified(pt_path: Path, metadata_path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:

@@ -22,13 +22,12 @@ import time
 from collections.abc import Generator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
 
-from mnist_service.api import create_app
+from mnist_service.integrity import ModelLoadError, read_verified_metadata
 from mnist_service.logconfig import configure_logging
-from mnist_service.model import ModelLoadError, read_verified_metadata
 from mnist_service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ class StopRequests:
 
 class DrainingServer(uvicorn.Server):
     def __init__(
-        self, config: uvicorn.Config, app: FastAPI, drain_seconds: float, stops: StopRequests | None = None
+        self, config: uvicorn.Config, app: Any, drain_seconds: float, stops: StopRequests | None = None
     ) -> None:
         super().__init__(config)
         self.app = app
@@ -113,7 +112,7 @@ def serve(settings: Settings) -> int:
     return _supervise(settings)
 
 
-def _uvicorn_config(settings: Settings, app: FastAPI | None = None) -> uvicorn.Config:
+def _uvicorn_config(settings: Settings, app: Any = None) -> uvicorn.Config:
     return uvicorn.Config(
         app or "mnist_service.api:create_app",
         host=settings.host,
@@ -129,6 +128,9 @@ def _uvicorn_config(settings: Settings, app: FastAPI | None = None) -> uvicorn.C
 def _run_worker(
     settings: Settings, sockets: list[socket.socket] | None = None, stops: StopRequests | None = None
 ) -> int:
+    # Imported here: only workers need torch, and the supervisor stays a few MB.
+    from mnist_service.api import create_app
+
     app = create_app(settings)
     server = DrainingServer(_uvicorn_config(settings, app), app, settings.shutdown_drain_seconds, stops)
     server.run(sockets=sockets)
