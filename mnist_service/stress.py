@@ -98,7 +98,7 @@ async def run_phase(
 ) -> PhaseResult:
     """Send `requests` requests (or keep going for `duration_s`) with `concurrency` in flight."""
     result = PhaseResult()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     total = None if duration_s else requests
     bar = tqdm(total=total, desc=label, unit="req", disable=not progress, leave=False)
     sent = 0
@@ -115,13 +115,15 @@ async def run_phase(
         sent += 1
         return True
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        while more():
-            await _one(client, payload, result)
-            bar.update(1)
+    async def worker() -> None:
+        # One client with one connection per worker: httpx's pool search grows with its size,
+        # and with a shared pool of 128 connections the tester, not the server, was the bottleneck.
+        async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+            while more():
+                await _one(client, payload, result)
+                bar.update(1)
 
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     result.seconds = time.perf_counter() - started
     bar.close()
     return result
