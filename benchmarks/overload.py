@@ -48,11 +48,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        kids.extend(int(k) for k in text)
+    return kids
+
+
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    """Resident memory of the server and all its worker processes, in MB."""
+    total_kb = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+            pending.extend(_children(current))
+        except FileNotFoundError:
+            continue  # a process that exited between the listing and the read
+    if not total_kb:
+        raise RuntimeError("no VmRSS")
+    return total_kb / 1024
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
