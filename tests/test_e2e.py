@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import DATA_DIR, ROOT
+from .conftest import DATA_DIR, ROOT, free_port, wait_ready
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -42,7 +34,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     log = (tmp_path_factory.mktemp("e2e-log") / "server.log").open("w")
     env = {**os.environ, "SHUTDOWN_DRAIN_SECONDS": "0"}
     proc = subprocess.Popen(
@@ -50,18 +42,11 @@ def server(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, Path(log.name).read_text()
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    else:
+    try:
+        wait_ready(url, proc, Path(log.name))
+    except AssertionError:
         proc.kill()
-        pytest.fail("server never became ready:\n" + Path(log.name).read_text())
+        raise
     yield url
     proc.terminate()
     assert proc.wait(timeout=30) == 0

@@ -24,16 +24,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import ROOT, free_port, wait_ready
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STARTUP_TIMEOUT_S = 120.0  # torch import, model load and warm-up on a busy shared machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answers(port: int) -> bool:
@@ -57,7 +52,7 @@ class Server:
 
 
 def _start(model_path: Path, tmp_path: Path, **env: str) -> Server:
-    port = _free_port()
+    port = free_port()
     log = tmp_path / f"server-{port}.log"
     proc = subprocess.Popen(
         [sys.executable, "model_inference.py", "--model", str(model_path), "--host", "127.0.0.1", "--port", str(port)],
@@ -69,19 +64,6 @@ def _start(model_path: Path, tmp_path: Path, **env: str) -> Server:
     return Server(proc, port, log)
 
 
-def _wait_ready(server: Server) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert server.proc.poll() is None, f"server exited early:\n{server.stderr()}"
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{server.stderr()}")
-
-
 @pytest.fixture
 def start_server(model_path: Path, tmp_path: Path) -> Iterator:
     servers: list[Server] = []
@@ -89,7 +71,7 @@ def start_server(model_path: Path, tmp_path: Path) -> Iterator:
     def start(**env: str) -> Server:
         server = _start(model_path, tmp_path, **env)
         servers.append(server)
-        _wait_ready(server)
+        wait_ready(server.url, server.proc, server.log, STARTUP_TIMEOUT_S)
         return server
 
     yield start
