@@ -16,9 +16,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from mnist_service import model as model_lib
+from mnist_service.images import noise_image, png_bytes
 from mnist_service.metrics import Metrics
 from mnist_service.middleware import RequestContextMiddleware
 from mnist_service.predictor import InferenceFailed, Predictor
+from mnist_service.preprocess import image_to_digit
 from mnist_service.routes import health, predict, v2, web
 from mnist_service.settings import Settings
 
@@ -38,6 +40,8 @@ def load_predictor(settings: Settings, metrics: Metrics) -> Predictor:
         request_timeout_s=settings.request_timeout_s,
     )
     predictor.warm_up()
+    # The first decode imports PIL's plugins and numpy's paths: pay that here, not in a request.
+    image_to_digit(png_bytes(noise_image(64)))
     return predictor
 
 

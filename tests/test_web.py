@@ -27,6 +27,8 @@ from mnist_service.routes.web import STATIC_DIR
 from mnist_service.settings import Settings
 
 CHROMIUM = Path("/usr/bin/chromium")
+# Playwright's 5 s default is short on a shared 2-core CI machine running the rest of the suite.
+expect.set_options(timeout=20_000)
 # Playwright's own browser download is not used: it drives the distribution's Chromium.
 CHROMIUM_ARGS = [
     "--headless",
