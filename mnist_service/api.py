@@ -70,9 +70,11 @@ def _request_id(request: Request) -> str | None:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse(
-        {"detail": exc.detail, "request_id": _request_id(request)}, status_code=exc.status_code, headers=exc.headers
-    )
+    body = {"detail": exc.detail, "request_id": _request_id(request)}
+    if request.url.path.startswith("/v2"):
+        # What reaches here on a v2 path (405, unknown routes) answers in the protocol's shape too.
+        body["error"] = exc.detail
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

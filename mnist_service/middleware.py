@@ -60,7 +60,7 @@ class RequestContextMiddleware:
         try:
             declared = _header(scope, b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                await self._error(send_with_id, 413, self._too_large(), request_id)
+                await self._error(send_with_id, 413, self._too_large(), request_id, scope["path"])
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         except Exception:
@@ -68,7 +68,7 @@ class RequestContextMiddleware:
             logger.exception("unhandled error (request_id=%s)", request_id)
             if not response_started:
                 detail = "internal error; quote the request id when reporting it"
-                await self._error(send_with_id, 500, detail, request_id)
+                await self._error(send_with_id, 500, detail, request_id, scope["path"])
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
@@ -101,8 +101,10 @@ class RequestContextMiddleware:
         return limited_receive
 
     @staticmethod
-    async def _error(send: Send, status: int, detail: str, request_id: str) -> None:
+    async def _error(send: Send, status: int, detail: str, request_id: str, path: str) -> None:
         body: dict[str, Any] = {"detail": detail, "request_id": request_id}
+        if path.startswith("/v2"):
+            body["error"] = detail  # the Open Inference Protocol's error shape
         payload = json.dumps(body).encode()
         await send(
             {

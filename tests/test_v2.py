@@ -289,3 +289,17 @@ def test_openapi_documents_both_body_encodings(client: TestClient) -> None:
     assert set(operation["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
     assert "/v2/models/{model_name}/versions/{model_version}/infer" in spec["paths"]
     assert "/v2/health/ready" in spec["paths"]
+
+
+def test_errors_raised_outside_the_v2_router_use_the_protocol_shape(model_path: Path) -> None:
+    """A wrong method, and a body refused by the upload limit before any route runs."""
+    with TestClient(create_app(Settings(model_path=model_path, max_upload_bytes=1000))) as small:
+        wrong_method = small.get("/v2/models/mnist/infer")
+        assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+        too_big = small.post(
+            "/v2/models/mnist/infer", content=b"x" * 5000, headers={"Content-Type": "application/json"}
+        )
+        assert too_big.status_code == 413
+        assert "MAX_UPLOAD_BYTES" in too_big.json()["error"]
+        # Our own endpoints keep their shape.
+        assert "error" not in small.post("/predict", content=b"x" * 5000, headers={"Content-Type": "image/png"}).json()
