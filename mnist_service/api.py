@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from mnist_service import model as model_lib
+from mnist_service.errors import error_body
 from mnist_service.images import noise_image, png_bytes
 from mnist_service.metrics import Metrics
 from mnist_service.middleware import RequestContextMiddleware
@@ -70,10 +71,8 @@ def _request_id(request: Request) -> str | None:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    body = {"detail": exc.detail, "request_id": _request_id(request)}
-    if request.url.path.startswith("/v2"):
-        # What reaches here on a v2 path (405, unknown routes) answers in the protocol's shape too.
-        body["error"] = exc.detail
+    # What reaches here on a v2 path (405, unknown routes) answers in the protocol's shape too.
+    body = error_body(exc.detail, _request_id(request), request.url.path)
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 

@@ -6,7 +6,17 @@ it reads a body (it turns other exceptions there into a vague 400).
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.exceptions import HTTPException
+
+
+def error_body(detail: str, request_id: str | None, path: str) -> dict[str, Any]:
+    """The JSON of an error answer; on /v2 paths it also carries the protocol's `error` field."""
+    body: dict[str, Any] = {"detail": detail, "request_id": request_id}
+    if path.startswith("/v2"):
+        body["error"] = detail
+    return body
 
 
 class ServiceError(HTTPException):

@@ -10,11 +10,10 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mnist_service.errors import PayloadTooLarge
+from mnist_service.errors import PayloadTooLarge, error_body
 from mnist_service.metrics import Metrics
 
 access_log = logging.getLogger("mnist_service.access")
@@ -102,10 +101,7 @@ class RequestContextMiddleware:
 
     @staticmethod
     async def _error(send: Send, status: int, detail: str, request_id: str, path: str) -> None:
-        body: dict[str, Any] = {"detail": detail, "request_id": request_id}
-        if path.startswith("/v2"):
-            body["error"] = detail  # the Open Inference Protocol's error shape
-        payload = json.dumps(body).encode()
+        payload = json.dumps(error_body(detail, request_id, path)).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -105,7 +105,7 @@ def _to_grey(img: Image.Image) -> np.ndarray:
     return composite
 
 
-def normalize_digit(grey: np.ndarray, ink_threshold: float | None = None) -> np.ndarray:
+def normalize_digit(grey: np.ndarray) -> np.ndarray:
     """Grey image of any size and polarity -> 28x28 uint8, white digit centred on black."""
     grey = np.asarray(grey, dtype=np.float32)
     if grey.ndim != 2 or grey.size == 0:
@@ -126,9 +126,8 @@ def normalize_digit(grey: np.ndarray, ink_threshold: float | None = None) -> np.
     ink = ink / peak
     ink[ink < _NOISE_FLOOR] = 0.0
 
-    threshold = _INK_THRESHOLD if ink_threshold is None else ink_threshold
-    rows = np.flatnonzero((ink >= threshold).any(axis=1))
-    cols = np.flatnonzero((ink >= threshold).any(axis=0))
+    rows = np.flatnonzero((ink >= _INK_THRESHOLD).any(axis=1))
+    cols = np.flatnonzero((ink >= _INK_THRESHOLD).any(axis=0))
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
     h, w = crop.shape
