@@ -8,6 +8,7 @@ A second SIGTERM or SIGINT exits at once. The process exits 0 after a graceful s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -26,6 +27,7 @@ from typing import Any
 
 import uvicorn
 
+from mnist_service.handoff import Dispatcher, Receiver, WorkerLink
 from mnist_service.integrity import ModelLoadError, read_verified_metadata
 from mnist_service.logconfig import configure_logging
 from mnist_service.settings import Settings
@@ -53,15 +55,42 @@ class StopRequests:
 
 
 class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain window, and optionally fed connections by a supervisor."""
+
     def __init__(
-        self, config: uvicorn.Config, app: Any, drain_seconds: float, stops: StopRequests | None = None
+        self,
+        config: uvicorn.Config,
+        app: Any,
+        drain_seconds: float,
+        stops: StopRequests | None = None,
+        receiver: Receiver | None = None,
     ) -> None:
         super().__init__(config)
         self.app = app
         self.drain_seconds = drain_seconds
         self.stops = stops
+        self.receiver = receiver
         self._stops_seen = 0
         self._drain_until: float | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.receiver is None:
+            await super().startup(sockets)
+            return
+        await super().startup(sockets=[])  # no listener of our own: the supervisor accepts
+        config = self.config
+        protocol_class = self.receiver.counted(config.http_protocol_class)
+
+        def protocol_factory() -> asyncio.Protocol:
+            # What uvicorn's startup builds for its own listeners, with the close counter added.
+            return protocol_class(config=config, server_state=self.server_state, app_state=self.lifespan.state)
+
+        self.receiver.start(asyncio.get_running_loop(), protocol_factory)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.receiver is not None:
+            self.receiver.stop()
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -125,47 +154,52 @@ def _uvicorn_config(settings: Settings, app: Any = None) -> uvicorn.Config:
     )
 
 
-def _run_worker(
-    settings: Settings, sockets: list[socket.socket] | None = None, stops: StopRequests | None = None
-) -> int:
+def _run_worker(settings: Settings, stops: StopRequests | None = None, link: WorkerLink | None = None) -> int:
     # Imported here: only workers need torch, and the supervisor stays a few MB.
     from mnist_service.api import create_app
 
     app = create_app(settings)
-    server = DrainingServer(_uvicorn_config(settings, app), app, settings.shutdown_drain_seconds, stops)
-    server.run(sockets=sockets)
+    receiver = Receiver(link) if link is not None else None
+    server = DrainingServer(_uvicorn_config(settings, app), app, settings.shutdown_drain_seconds, stops, receiver)
+    server.run()
     return 0 if server.started else 1
 
 
-def _worker_main(settings: Settings, sock: socket.socket, stops: StopRequests) -> None:
+def _worker_main(settings: Settings, link: WorkerLink, stops: StopRequests) -> None:
     """Entry point of a spawned worker process."""
     configure_logging(settings.log_level)
-    sys.exit(_run_worker(settings, [sock], stops))
+    sys.exit(_run_worker(settings, stops, link))
 
 
 def _supervise(settings: Settings) -> int:
-    """Run `settings.workers` server processes on one listening socket.
+    """Run `settings.workers` server processes behind one listening socket.
 
     Several processes, each with one event loop and one inference thread, are what keeps two
-    cores busy: in one process the GIL serialises HTTP parsing and image decoding. Signals are
-    forwarded, so each worker drains on its own. A worker that dies unexpectedly stops the rest:
-    the supervisor (Kubernetes, Docker) restarts the whole, which is simpler to reason about.
+    cores busy: in one process the GIL serialises HTTP parsing and image decoding. This process
+    accepts every connection and hands it to the least-loaded worker (see handoff.py). Signals
+    are forwarded, so each worker drains on its own, and the listener closes when the drain
+    window ends. A worker that dies unexpectedly stops the rest: the supervisor (Kubernetes,
+    Docker) restarts the whole, which is simpler to reason about.
     """
     metrics_dir = Path(tempfile.mkdtemp(prefix="mnist-metrics-"))
     # prometheus_client's multiprocess mode is chosen from this variable when a worker imports it.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    sock = _uvicorn_config(settings).bind_socket()
     worker_settings = settings.model_copy(update={"prometheus_multiproc_dir": metrics_dir})
     context = multiprocessing.get_context("spawn")
+    config = _uvicorn_config(settings)
+    dispatcher = Dispatcher(config.bind_socket(), settings.workers, context, config.backlog)
     stops = StopRequests(context)
     workers = [
-        context.Process(target=_worker_main, args=(worker_settings, sock, stops), name=f"worker-{i}")
-        for i in range(settings.workers)
+        context.Process(target=_worker_main, args=(worker_settings, link, stops), name=f"worker-{i}")
+        for i, link in enumerate(dispatcher.links)
     ]
     stopping = False
+    close_listener_at: float | None = None  # set by signals, acted on by the loop below
 
     def forward(sig: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
+        nonlocal stopping, close_listener_at
+        draining = sig == signal.SIGTERM and not stopping and settings.shutdown_drain_seconds > 0
+        close_listener_at = time.monotonic() + (settings.shutdown_drain_seconds if draining else 0.0)
         stopping = True
         stops.record(sig)
         for worker in workers:
@@ -180,19 +214,21 @@ def _supervise(settings: Settings) -> int:
             worker.start()
         for sig in handled:
             signal.signal(sig, forward)
-        # Each worker holds its own duplicate now. Ours must go, or the kernel would keep
-        # accepting connections that nobody serves once the workers close theirs.
-        sock.close()
+        dispatcher.forget_worker_ends()  # each worker holds its own duplicate now
         logger.info("supervising %d workers on %s:%d", len(workers), settings.host, settings.port)
         while any(w.is_alive() for w in workers):
+            if close_listener_at is not None and time.monotonic() >= close_listener_at:
+                dispatcher.stop_accepting()
+            dispatcher.poll(timeout=0.1)
             for worker in workers:
-                worker.join(timeout=0.2)
-                if not worker.is_alive() and worker.exitcode != 0 and not stopping:
+                if worker.exitcode not in (None, 0) and not stopping:
                     logger.error("worker %s exited with code %s: stopping the others", worker.name, worker.exitcode)
                     forward(signal.SIGTERM, None)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        sock.close()
+        dispatcher.close()
+        for worker in workers:
+            worker.join(timeout=5)
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0 if all(w.exitcode == 0 for w in workers) else 1

@@ -1,0 +1,182 @@
+"""Connection hand-off: the supervisor accepts, each worker serves the connections it is given.
+
+Why not let every worker accept on the shared socket, as uvicorn and gunicorn do? Whichever
+worker wakes first accepts a whole burst: a load generator (or an ingress) that opens 32
+keep-alive connections at once found all 32 on one worker about half the time, leaving the other
+core idle and the throughput halved for as long as the connections lived. Here the supervisor
+accepts every connection and passes its file descriptor (SCM_RIGHTS over a Unix socket pair) to
+the ready worker with the fewest open connections, so keep-alive load splits evenly.
+
+The cost is one accept and one sendmsg in the supervisor per *connection*, not per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing.context
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_TOKEN = b"c"
+
+
+@dataclass
+class WorkerLink:
+    """What a supervisor and one worker share: the fd channel and two counters in shared memory.
+
+    Each counter has a single writer, so neither needs a lock: `ready` and `closed` are written
+    by the worker only, and the supervisor counts what it sent itself.
+    """
+
+    channel: socket.socket  # the worker's end of a SOCK_SEQPACKET pair
+    ready: Any  # multiprocessing Value('b'): 1 while the worker takes connections
+    closed: Any  # multiprocessing Value('q'): connections the worker has finished with
+
+
+class Dispatcher:
+    """The supervisor's side: accept on the listening socket, hand each connection to a worker."""
+
+    def __init__(
+        self, listener: socket.socket, workers: int, context: multiprocessing.context.BaseContext, backlog: int
+    ) -> None:
+        self.listener = listener
+        self.listener.listen(backlog)
+        self.listener.setblocking(False)
+        self._ends: list[socket.socket] = []
+        self.links: list[WorkerLink] = []
+        for _ in range(workers):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            ours.setblocking(False)  # a stuck worker must never block the accept loop
+            self._ends.append(ours)
+            self.links.append(WorkerLink(theirs, context.Value("b", 0, lock=False), context.Value("q", 0, lock=False)))
+        self._sent = [0] * workers
+        self._next = 0  # where the search for the least-loaded worker starts: ties rotate
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(listener, selectors.EVENT_READ)
+        self.accepting = True
+
+    def forget_worker_ends(self) -> None:
+        """Close our copies of the workers' channel ends once the workers hold their own."""
+        for link in self.links:
+            link.channel.close()
+
+    def open_connections(self) -> list[int]:
+        return [sent - link.closed.value for sent, link in zip(self._sent, self.links, strict=True)]
+
+    def poll(self, timeout: float) -> None:
+        """Wait up to `timeout` for connections and hand them out; waits idle while no worker is ready."""
+        if not self.accepting or not any(link.ready.value for link in self.links):
+            # Connections wait in the kernel's backlog until a worker can take them.
+            time.sleep(timeout)
+            return
+        if not self._selector.select(timeout):
+            return
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: log it and let the backlog hold the rest
+                logger.warning("accept failed: %s", exc)
+                return
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._hand_off(conn)
+
+    def _hand_off(self, conn: socket.socket) -> None:
+        n = len(self.links)
+        load = self.open_connections()
+        order = sorted(range(n), key=lambda i: (load[i], (i - self._next) % n))
+        self._next = (self._next + 1) % n
+        for i in order:
+            if not self.links[i].ready.value:
+                continue
+            try:
+                socket.send_fds(self._ends[i], [_TOKEN], [conn.fileno()])
+            except OSError as exc:  # full or closed channel: that worker is stuck or gone
+                logger.warning("could not hand a connection to worker %d: %s", i, exc)
+                continue
+            self._sent[i] += 1
+            return
+        logger.warning("no worker could take a connection: closing it")
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket: new connections are refused from now on."""
+        if self.accepting:
+            self.accepting = False
+            self._selector.unregister(self.listener)
+            self.listener.close()
+
+    def close(self) -> None:
+        self.stop_accepting()
+        self._selector.close()
+        for end in self._ends:
+            end.close()
+
+
+class Receiver:
+    """The worker's side: take connections off the channel and serve them on this event loop."""
+
+    def __init__(self, link: WorkerLink) -> None:
+        self.link = link
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._factory: Callable[[], asyncio.Protocol] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def counted(self, protocol_class: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+        """A subclass of uvicorn's protocol that tells the supervisor when a connection ends."""
+        closed = self.link.closed
+
+        class Counted(protocol_class):  # type: ignore[valid-type,misc]
+            def connection_lost(self, exc: Exception | None) -> None:
+                closed.value += 1
+                super().connection_lost(exc)
+
+        return Counted
+
+    def start(self, loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol]) -> None:
+        self._loop, self._factory = loop, factory
+        self.link.channel.setblocking(False)
+        loop.add_reader(self.link.channel.fileno(), self._take)
+        self.link.ready.value = 1
+
+    def stop(self) -> None:
+        """Take no more connections; the ones already served finish under uvicorn's shutdown."""
+        self.link.ready.value = 0
+        if self._loop is not None:
+            self._loop.remove_reader(self.link.channel.fileno())
+            self._loop = None
+        self.link.channel.close()
+
+    def _take(self) -> None:
+        assert self._loop is not None and self._factory is not None
+        while True:
+            try:
+                _, fds, _, _ = socket.recv_fds(self.link.channel, len(_TOKEN), 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.warning("connection channel failed: %s", exc)
+                self.stop()
+                return
+            if not fds:  # the supervisor is gone
+                self.stop()
+                return
+            for fd in fds:
+                conn = socket.socket(fileno=fd)
+                task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
+                self._tasks.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The client hung up between accept and hand-off: nothing to serve.
+            logger.debug("could not serve a handed-off connection: %s", task.exception())
