@@ -13,6 +13,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -64,6 +65,19 @@ def report(title: str, raw_file: Path) -> str:
     return "\n".join(lines)
 
 
+def a_worker(supervisor: int) -> int:
+    """The pid of one worker process: the supervisor only accepts connections, workers serve them."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+        for child in children:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline:
+                return int(child)
+        time.sleep(0.1)
+    return supervisor  # WORKERS=1: the server is one process
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/mnist_cnn.pt"))
@@ -82,6 +96,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     sections = []
     with running(server_spec("ours", args.model, port), url, payload, OUT / "profile-server.log") as pid:
+        worker = a_worker(pid)
         hey = subprocess.Popen(
             ["hey", "-z", f"{2 * args.duration + 6}s", "-c", str(args.concurrency), "-m", "POST", "-D", str(body),
              "-T", payload.content_type, url + payload.path],
@@ -89,8 +104,8 @@ def main() -> None:
         )
         for name, extra in (("all-threads", ["--threads"]), ("gil", ["--threads", "--gil"])):
             raw = OUT / f"profile-{name}.txt"
-            record = [py_spy, "record", "--pid", str(pid), "--duration", str(args.duration), "--rate", str(args.rate),
-                      "--nonblocking", *extra]
+            record = [py_spy, "record", "--pid", str(worker), "--duration", str(args.duration),
+                      "--rate", str(args.rate), "--nonblocking", *extra]
             subprocess.run([*record, "--format", "raw", "-o", str(raw)], check=True, capture_output=True)
             sections.append(report(f"{name} ({' '.join(extra)})", raw))
         hey_out = hey.communicate()[0]

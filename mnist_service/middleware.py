@@ -30,12 +30,14 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class RequestContextMiddleware:
-    """Request id (echoes a sane X-Request-ID), upload limit, per-request metrics and one log line."""
+    """Request id (echoes a sane X-Request-ID), upload limit, per-request metrics and a log line
+    (for every request, or by default only for those answered 4xx/5xx: ACCESS_LOG)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, access_log: str = "errors") -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.min_logged_status = {"all": 0, "errors": 400, "off": 1000}[access_log]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,10 +76,11 @@ class RequestContextMiddleware:
             endpoint = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
             self.metrics.request_latency.labels(endpoint).observe(elapsed)
-            access_log.info(
-                "method=%s path=%s status=%d ms=%.2f request_id=%s",
-                scope["method"], scope["path"], status, elapsed * 1000, request_id,
-            )
+            if status >= self.min_logged_status:
+                access_log.info(
+                    "method=%s path=%s status=%d ms=%.2f request_id=%s",
+                    scope["method"], scope["path"], status, elapsed * 1000, request_id,
+                )
 
     def _too_large(self) -> str:
         return (

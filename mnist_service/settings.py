@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +22,11 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"  # noqa: S104  # nosec B104 - a container must listen on all interfaces
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
+    access_log: Literal["all", "errors", "off"] = Field(
+        "errors",
+        description="Which requests get a log line with their request id: every one, those answered 4xx/5xx, "
+        "or none. A line per request cost 4-5% of the server's CPU at 1,500 requests/s.",
+    )
 
     workers: int = Field(
         2,

@@ -261,3 +261,19 @@ def test_cors_can_be_configured(settings: Settings) -> None:
             "/predict", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
         )
         assert response.headers["access-control-allow-origin"] == "https://app.example"
+
+
+@pytest.mark.parametrize(("mode", "logged"), [("all", {200, 422}), ("errors", {422}), ("off", set())])
+def test_access_log_lines_follow_the_setting(
+    settings: Settings, digit_pngs: list[tuple[bytes, int]], caplog: pytest.LogCaptureFixture, mode: str, logged: set
+) -> None:
+    with TestClient(create_app(settings.model_copy(update={"access_log": mode}))) as c:
+        with caplog.at_level("INFO", logger="mnist_service.access"):
+            ok = c.post("/predict", files={"file": ("d.png", digit_pngs[0][0], "image/png")})
+            bad = c.post("/predict", files={"file": ("x.png", b"junk", "image/png")})
+    lines = [r.getMessage() for r in caplog.records if r.name == "mnist_service.access"]
+    by_status = {200: ok, 422: bad}
+    assert len(lines) == len(logged), lines
+    for status in logged:
+        request_id = by_status[status].headers["x-request-id"]
+        assert any(f"status={status}" in line and request_id in line for line in lines), lines
