@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import pyspng
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from mnist_service.errors import InvalidInput, PayloadTooLarge
@@ -30,6 +31,9 @@ _LOCAL_BG_MIN_SIDE = 48  # smaller images (MNIST itself, icons) have a flat back
 _LOCAL_BG_SIDE = 64  # the background is estimated on a copy this size
 _LOCAL_BG_WINDOW = 15  # px of that copy: wider than a pen stroke
 _UNEVEN_BORDER = 12.0  # grey levels between the border's 5th and 95th percentiles
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PLAIN_PNG_COLOURS = {0, 2, 6}  # grey, RGB, RGBA (pyspng 0.1.4 fails on grey+alpha; no palettes)
+_PNG_CHUNKS_FOR_PIL = {b"tRNS", b"eXIf"}  # transparency keys and EXIF orientation: PIL's handling
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -40,6 +44,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     """
     if not data:
         raise InvalidInput("the uploaded file is empty: attach a PNG, JPEG or other image file")
+    plain = _plain_png(data, max_pixels)
+    if plain is not None:
+        return _to_grey(plain)
     try:
         with warnings.catch_warnings():
             # PIL only warns between its limit and twice it; ours is checked below instead.
@@ -76,6 +83,40 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise InvalidInput(
             f"the image file is truncated or corrupt and can't be decoded ({type(exc).__name__})"
         ) from exc
+
+
+def _plain_png(data: bytes, max_pixels: int) -> Image.Image | None:
+    """An 8-bit grey, RGB or RGBA PNG decoded by libspng, or None for anything else (left to PIL).
+
+    PNG decoding was 30% of the server's CPU, and libspng takes about a fifth less time than PIL
+    for it. The PNGs it takes here decode to the same pixels either way (a test checks that);
+    palettes, grey+alpha, 16-bit samples, transparency keys and EXIF go to PIL.
+    """
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    if depth != 8 or colour not in _PLAIN_PNG_COLOURS:
+        return None
+    position = 8
+    while position + 8 <= len(data):  # the chunks before the pixels
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind = data[position + 4 : position + 8]
+        if kind == b"IDAT":
+            break
+        if kind in _PNG_CHUNKS_FOR_PIL:
+            return None
+        position += 12 + length
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"the image is {width}x{height} pixels, over the limit of {max_pixels}: scale it down before uploading"
+        )
+    try:
+        pixels = pyspng.load(data)
+    except (RuntimeError, ValueError) as exc:
+        raise InvalidInput(
+            f"the image file is truncated or corrupt and can't be decoded ({type(exc).__name__})"
+        ) from exc
+    return Image.fromarray(pixels)
 
 
 def _shrink(img: Image.Image) -> Image.Image:

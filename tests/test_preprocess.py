@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from mnist_service import preprocess
 from mnist_service.errors import InvalidInput, PayloadTooLarge
 from mnist_service.images import png_bytes, user_digit
 from mnist_service.preprocess import image_to_digit, normalize_digit, pixels_to_digit, to_png_base64
@@ -156,6 +157,42 @@ def test_truncated_png_is_rejected(seven: np.ndarray) -> None:
     data = png_bytes(user_digit(seven))
     with pytest.raises(InvalidInput, match="truncated or corrupt"):
         image_to_digit(data[: len(data) // 2])
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(1, 300),
+    st.integers(1, 300),
+    st.sampled_from(["L", "RGB", "RGBA"]),
+    st.integers(0, 2**32 - 1),
+)
+def test_plain_pngs_decode_to_the_same_pixels_with_libspng_as_with_pil(
+    width: int, height: int, mode: str, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (height, width, len(mode)), dtype=np.uint8)
+    data = _encode(Image.fromarray(arr.squeeze(-1) if mode == "L" else arr, mode=mode), "PNG")
+    assert preprocess._plain_png(data, preprocess.DEFAULT_MAX_PIXELS) is not None, "libspng did not take it"
+    fast = preprocess.decode_image(data)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(preprocess, "_plain_png", lambda data, max_pixels: None)
+        slow = preprocess.decode_image(data)
+    np.testing.assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize(
+    "img",
+    [
+        Image.new("P", (20, 20)),
+        Image.new("I;16", (20, 20)),
+        Image.new("LA", (20, 20)),
+        Image.new("L", (20, 20)),  # saved with a transparency key below
+    ],
+    ids=["palette", "16-bit", "grey-alpha", "transparency-key"],
+)
+def test_pngs_libspng_would_read_differently_go_to_pil(img: Image.Image) -> None:
+    data = _encode(img, "PNG", **({"transparency": 0} if img.mode == "L" else {}))
+    assert preprocess._plain_png(data, preprocess.DEFAULT_MAX_PIXELS) is None
 
 
 def _png_header_only(width: int, height: int) -> bytes:
