@@ -1,9 +1,10 @@
 """BASELINE, not the service: a plain FastAPI server in the style of the user's earlier projects.
 
-An `async def` endpoint takes an UploadFile, preprocesses it with the service's own
-`image_to_digit`, and runs one forward pass per request on the event loop with torch's
-default thread count. The model is the same TorchScript file, optimised the same way, so the
-comparison measures serving, not preprocessing or the network.
+An `async def` endpoint takes an UploadFile, decodes it with PIL as those projects did, normalises
+it with the service's own code (crop, fit, centre), and runs one forward pass per request on the
+event loop with torch's default thread count. The model is the same TorchScript file, optimised
+the same way. What differs is serving, plus one of our optimisations: the service decodes plain
+PNGs with libspng, about 75 us less per 400x300 upload than PIL.
 
     MODEL_PATH=models/mnist_cnn.pt uvicorn benchmarks.baseline_server:app --port 8001
 """
@@ -39,7 +40,7 @@ app = FastAPI(title="MNIST baseline (plain FastAPI)", lifespan=lifespan)
 
 @app.post("/predict")
 async def predict(file: UploadFile = File(...)) -> dict:  # noqa: B008 - FastAPI's idiom
-    digit = image_to_digit(await file.read())
+    digit = image_to_digit(await file.read(), libspng=False)
     x = torch.from_numpy(digit).float().div(255.0).sub(app.state.mean).div(app.state.std)[None, None]
     with torch.inference_mode():  # on the event loop: every other request waits for it
         probs = torch.softmax(app.state.model(x), dim=1)[0].tolist()

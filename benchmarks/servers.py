@@ -19,8 +19,17 @@ from mnist_service.stress import Payload
 
 REPO = Path(__file__).resolve().parent.parent
 LITSERVE_VENV = REPO / ".venv-litserve"
-# torch pinned in the same pip command, so pip never swaps in another (CUDA) build.
-LITSERVE_PINS = ("torch==2.13.0", "litserve==0.2.19", "pillow==13.0.0", "numpy==2.4.6", "python-multipart==0.0.34")
+# What LitServe's venv shares with the service (its preprocessing imports these), at the
+# service's pins; torch in the same pip command, so pip never swaps in another (CUDA) build.
+_SHARED = ("torch", "pillow", "numpy", "pyspng", "python-multipart")
+LITSERVE_PINS = (
+    "litserve==0.2.19",
+    *(
+        line.strip()
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.split("==")[0].strip().lower() in _SHARED
+    ),
+)
 SERVERS = ("ours", "baseline", "litserve")
 
 
@@ -43,7 +52,7 @@ def ensure_hey() -> None:
 def ensure_litserve_venv() -> Path:
     """Create .venv-litserve with the pinned LitServe and the service's torch; return its python."""
     python = LITSERVE_VENV / "bin" / "python"
-    if python.exists() and subprocess.run([python, "-c", "import litserve, multipart"]).returncode == 0:
+    if python.exists() and subprocess.run([python, "-c", "import litserve, multipart, pyspng"]).returncode == 0:
         return python
     subprocess.run([sys.executable, "-m", "venv", LITSERVE_VENV], check=True)
     pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
