@@ -156,7 +156,9 @@ class Receiver:
         self.link.channel.close()
 
     def _take(self) -> None:
-        assert self._loop is not None and self._factory is not None
+        loop, factory = self._loop, self._factory
+        if loop is None or factory is None:  # stopped
+            return
         while True:
             try:
                 _, fds, _, _ = socket.recv_fds(self.link.channel, len(_TOKEN), 16)
@@ -171,7 +173,7 @@ class Receiver:
                 return
             for fd in fds:
                 conn = socket.socket(fileno=fd)
-                task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
+                task = loop.create_task(loop.connect_accepted_socket(factory, conn))
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
 
