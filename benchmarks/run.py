@@ -36,6 +36,12 @@ from mnist_service.images import png_bytes, test_digit, user_digit
 from mnist_service.stress import Payload, build_payload
 
 OUT = REPO / "benchmarks" / "out"
+SERVERS_TEXT = (
+    "Servers: **ours** with its defaults (2 workers, micro-batching, PNGs decoded with libspng); "
+    "**baseline**, `benchmarks/baseline_server.py`: async FastAPI with an UploadFile, PIL decoding as the "
+    "earlier projects did, the service's own normalisation, one forward pass per request on the event loop; "
+    "**litserve**: LitServe with batching on and exactly the service's preprocessing (libspng included)."
+)
 
 
 def free_port() -> int:
@@ -185,6 +191,7 @@ def main() -> None:
         f"Command: `{command}`. Multipart PNG uploads of {image.name} ({len(image.read_bytes())} bytes) on "
         f"loopback; {args.rounds} round(s) of {args.duration:g} s per point, servers alternated; "
         "medians over rounds, errors and requests summed. The load generator runs on the same 2 cores.",
+        SERVERS_TEXT,
         "## Results", results_table,
         "## Ratios (ours / other: req/s higher is better, p99 lower is better)", ratio_table,
     ]) + "\n")
