@@ -128,6 +128,7 @@ class Receiver:
         self.link = link
         self._loop: asyncio.AbstractEventLoop | None = None
         self._factory: Callable[[], asyncio.Protocol] | None = None
+        self._orphaned: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def counted(self, protocol_class: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
@@ -141,8 +142,14 @@ class Receiver:
 
         return Counted
 
-    def start(self, loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol]) -> None:
-        self._loop, self._factory = loop, factory
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        factory: Callable[[], asyncio.Protocol],
+        orphaned: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Serve handed-off connections on `loop`; call `orphaned` if the supervisor goes away."""
+        self._loop, self._factory, self._orphaned = loop, factory, orphaned
         self.link.channel.setblocking(False)
         loop.add_reader(self.link.channel.fileno(), self._take)
         self.link.ready.value = 1
@@ -161,15 +168,17 @@ class Receiver:
             return
         while True:
             try:
-                _, fds, _, _ = socket.recv_fds(self.link.channel, len(_TOKEN), 16)
+                message, fds, _, _ = socket.recv_fds(self.link.channel, len(_TOKEN), 16)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                message, fds = b"", []
                 logger.warning("connection channel failed: %s", exc)
+            if not message:
+                # The supervisor is gone: no connection will ever come again, so this worker
+                # would idle forever. Stop like on SIGTERM.
                 self.stop()
-                return
-            if not fds:  # the supervisor is gone
-                self.stop()
+                self._orphaned()
                 return
             for fd in fds:
                 conn = socket.socket(fileno=fd)

@@ -85,7 +85,11 @@ class DrainingServer(uvicorn.Server):
             # What uvicorn's startup builds for its own listeners, with the close counter added.
             return protocol_class(config=config, server_state=self.server_state, app_state=self.lifespan.state)
 
-        self.receiver.start(asyncio.get_running_loop(), protocol_factory)
+        self.receiver.start(asyncio.get_running_loop(), protocol_factory, self._orphaned)
+
+    def _orphaned(self) -> None:
+        logger.error("the supervisor process is gone: finishing in-flight requests and exiting")
+        self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self.receiver is not None:

@@ -125,3 +125,17 @@ def test_a_worker_serves_what_it_is_handed_and_reports_the_close(dispatcher: Dis
 
     assert asyncio.run(scenario()) == (b"PING", 1)
     assert dispatcher.links[0].ready.value == 0
+
+
+def test_a_worker_whose_supervisor_is_gone_is_told_so(dispatcher: Dispatcher) -> None:
+    receiver = Receiver(dispatcher.links[0])
+
+    async def scenario() -> bool:
+        orphaned = asyncio.Event()
+        receiver.start(asyncio.get_running_loop(), _Echo, orphaned.set)
+        dispatcher.close()  # what the kernel does to the supervisor's ends when it dies
+        await asyncio.wait_for(orphaned.wait(), 5)
+        return orphaned.is_set()
+
+    assert asyncio.run(scenario())
+    assert dispatcher.links[0].ready.value == 0

@@ -291,3 +291,29 @@ def test_a_bad_model_file_stops_startup_with_one_clear_line(
     assert len(errors) == 1, log
     assert named in errors[0] and "mnist_cnn.pt" in errors[0], errors[0]
     assert "Traceback" not in log, log
+
+
+def _workers(supervisor: int) -> list[int]:
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return [int(p) for p in children if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_exit_when_the_supervisor_is_killed(start_server) -> None:
+    """SIGKILL leaves the supervisor no chance to stop its workers: they must notice on their own."""
+    server = start_server()
+    workers = _workers(server.proc.pid)
+    assert len(workers) == 2 and all(_running(p) for p in workers), workers
+    server.proc.kill()
+    server.proc.wait()
+    deadline = time.monotonic() + 20
+    while any(_running(p) for p in workers):
+        assert time.monotonic() < deadline, "a worker outlived its supervisor by 20 s"
+        time.sleep(0.1)
