@@ -24,7 +24,7 @@ from mnist_service.stress import build_payload
 # First match wins, checked from the leaf frame up: the stage a sample is spent in.
 STAGES = (
     ("torch forward", ("torch/", "forward (mnist_service/predictor.py", "_call_impl")),
-    ("image decode + preprocess (PIL, numpy)", ("PIL/", "mnist_service/preprocess.py", "numpy/")),
+    ("image decode + preprocess (libspng, PIL, numpy)", ("pyspng/", "PIL/", "mnist_service/preprocess.py", "numpy/")),
     ("multipart parsing", ("multipart/", "formparsers.py", "datastructures.py")),
     ("logging", ("logging/",)),
     ("metrics", ("prometheus_client/",)),
