@@ -83,3 +83,19 @@ def test_too_many_parts_stop_the_parse() -> None:
 def test_a_missing_boundary_parameter_is_a_400(content_type: str) -> None:
     with pytest.raises(BadRequest, match="no valid boundary"):
         boundary_of(content_type)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b"--b", b"--b--", b"\r\n", b"\r\n\r\n", b"Content-Disposition: form-data; name=\"f\"",
+                         b"; filename=\"x\"", b":", b"x", b" ", b"\xff"]),
+        max_size=30,
+    ).map(b"".join)
+)
+def test_any_body_parses_or_is_a_400(body: bytes) -> None:
+    try:
+        parts = _parse(body, "multipart/form-data; boundary=b", max_parts=10)
+    except BadRequest:
+        return
+    assert all(isinstance(p.data, bytes) and isinstance(p.name, str) for p in parts)
