@@ -277,3 +277,16 @@ def test_access_log_lines_follow_the_setting(
     for status in logged:
         request_id = by_status[status].headers["x-request-id"]
         assert any(f"status={status}" in line and request_id in line for line in lines), lines
+
+
+@pytest.mark.parametrize(("value", "status"), [("yes", 200), ("0", 200), ("maybe", 422)])
+def test_the_debug_flag_reads_like_a_boolean_query_parameter(
+    client: TestClient, digit_pngs: list[tuple[bytes, int]], value: str, status: int
+) -> None:
+    files = [("files", ("d.png", digit_pngs[0][0], "image/png"))]
+    response = client.post("/predict/batch", files=files, params={"debug": value})
+    assert response.status_code == status, response.text
+    if status == 200:
+        assert (response.json()[0]["image_png_base64"] is not None) == (value == "yes")
+    else:
+        assert "debug must be true or false" in response.json()["detail"]
