@@ -13,6 +13,7 @@ The cost is one accept and one sendmsg in the supervisor per *connection*, not p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing.context
 import selectors
@@ -83,11 +84,15 @@ class Dispatcher:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # e.g. EMFILE: log it and let the backlog hold the rest
+            except OSError as exc:
+                # e.g. EMFILE: the backlog holds the rest. Pause, or the still-readable listener
+                # would spin this loop and the log.
                 logger.warning("accept failed: %s", exc)
+                time.sleep(timeout)
                 return
             with conn:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with contextlib.suppress(OSError):  # the client may already have hung up
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._hand_off(conn)
 
     def _hand_off(self, conn: socket.socket) -> None:
