@@ -54,11 +54,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, libspng: 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            if width * height > max_pixels:
-                raise PayloadTooLarge(
-                    f"the image is {width}x{height} pixels, over the limit of {max_pixels}: "
-                    "scale it down before uploading"
-                )
+            _check_pixels(width, height, max_pixels)
             if width < 1 or height < 1:
                 raise InvalidInput("the image has no pixels")
             img.seek(0)
@@ -81,9 +77,19 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, libspng: 
         ) from exc
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error) as exc:
         # Truncated or corrupt files surface as any of these from PIL's decoders.
-        raise InvalidInput(
-            f"the image file is truncated or corrupt and can't be decoded ({type(exc).__name__})"
-        ) from exc
+        raise _corrupt(exc) from exc
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Refuse an image by its declared size, before its pixels are decoded."""
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"the image is {width}x{height} pixels, over the limit of {max_pixels}: scale it down before uploading"
+        )
+
+
+def _corrupt(exc: Exception) -> InvalidInput:
+    return InvalidInput(f"the image file is truncated or corrupt and can't be decoded ({type(exc).__name__})")
 
 
 def _plain_png(data: bytes, max_pixels: int) -> Image.Image | None:
@@ -107,16 +113,11 @@ def _plain_png(data: bytes, max_pixels: int) -> Image.Image | None:
         if kind in _PNG_CHUNKS_FOR_PIL:
             return None
         position += 12 + length
-    if width * height > max_pixels:
-        raise PayloadTooLarge(
-            f"the image is {width}x{height} pixels, over the limit of {max_pixels}: scale it down before uploading"
-        )
+    _check_pixels(width, height, max_pixels)
     try:
         pixels = pyspng.load(data)
     except (RuntimeError, ValueError) as exc:
-        raise InvalidInput(
-            f"the image file is truncated or corrupt and can't be decoded ({type(exc).__name__})"
-        ) from exc
+        raise _corrupt(exc) from exc
     return Image.fromarray(pixels)
 
 
