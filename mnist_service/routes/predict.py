@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
+from pydantic import TypeAdapter, ValidationError
 
 from mnist_service.deps import API_KEY_SECURITY, PredictorDep, check_api_key, require_api_key, serving_predictor
 from mnist_service.errors import BadRequest, InvalidInput, UnsupportedMediaType
@@ -30,7 +31,7 @@ _IMAGE_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/gif", "image/webp
 _UPLOAD_SCHEMA = {"type": "string", "format": "binary"}
 _INLINE_DECODE_BYTES = 64 * 1024  # larger uploads (photos) decode on the pool, off the event loop
 _EXTRA_FIELDS = 8  # text fields a client may send beside its files, ignored
-_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")  # as FastAPI reads a bool
+_BOOL = TypeAdapter(bool)  # what FastAPI reads a bool query parameter with: "1", "yes", "on", "t"...
 _DEBUG_DOC = "Also return the 28x28 image(s) the model saw, as base64 PNG."
 _DEBUG_PARAM = {
     "name": "debug", "in": "query", "required": False, "description": _DEBUG_DOC,
@@ -82,10 +83,11 @@ def _json(content: Any) -> Response:
 
 
 def _debug_flag(request: Request) -> bool:
-    value = request.query_params.get("debug", "false").strip().lower()
-    if value in _TRUE or value in _FALSE:
-        return value in _TRUE
-    raise InvalidInput(f"invalid request: debug must be true or false, got '{value[:20]}'")
+    value = request.query_params.get("debug", "false")
+    try:
+        return _BOOL.validate_python(value)
+    except ValidationError:
+        raise InvalidInput(f"invalid request: debug must be true or false, got '{value[:20]}'") from None
 
 
 async def _uploads(request: Request, field: str, max_files: int) -> list[tuple[str, bytes]]:
