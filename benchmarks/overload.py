@@ -38,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mnist_service.client import ServerNotReady, wait_until_ready  # noqa: E402
 from mnist_service.images import png_bytes, test_digit, user_digit  # noqa: E402
 from mnist_service.settings import Settings  # noqa: E402
 
@@ -75,17 +76,10 @@ def rss_mb(pid: int) -> float:
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("server not ready in time")
+    try:
+        wait_until_ready(url, lambda: proc.poll() is None, timeout, interval=0.2)
+    except ServerNotReady as exc:
+        raise SystemExit(f"{exc} (exit code {proc.returncode})") from None
 
 
 def single_latencies(client: httpx.Client, body: bytes, n: int) -> list[float]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,23 @@ class MnistClient:
         except ValueError:
             detail = response.text
         raise ServiceClientError(response.status_code, detail)
+
+
+class ServerNotReady(RuntimeError):
+    """The server's process died, or /readyz never answered 200 in time."""
+
+
+def wait_until_ready(url: str, alive: Callable[[], bool], timeout: float, interval: float = 0.1) -> None:
+    """Poll /readyz until it answers 200; raise ServerNotReady if `alive()` turns false or time runs out."""
+    deadline = time.monotonic() + timeout
+    with MnistClient(url, timeout=1) as client:
+        while time.monotonic() < deadline:
+            if not alive():
+                raise ServerNotReady("the server process exited before it was ready")
+            if client.ready():
+                return
+            time.sleep(interval)
+    raise ServerNotReady(f"the server was not ready after {timeout:g}s")
 
 
 def _read(image: bytes | str | Path) -> bytes:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from mnist_service.api import create_app
+from mnist_service.client import ServerNotReady, wait_until_ready
 from mnist_service.data import load_split
 from mnist_service.settings import Settings
 from mnist_service.train import TrainParams, run
@@ -30,16 +29,10 @@ def free_port() -> int:
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
     """Poll /readyz of a server process until 200; fail with its log if it dies or never gets there."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited early:\n{log.read_text()}"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"server not ready after {timeout:.0f}s:\n{log.read_text()}")
+    try:
+        wait_until_ready(url, lambda: proc.poll() is None, timeout)
+    except ServerNotReady as exc:
+        raise AssertionError(f"{exc}:\n{log.read_text()}") from None
 
 
 @pytest.fixture(scope="session")

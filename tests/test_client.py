@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from mnist_service.client import MnistClient, ServiceClientError
+from mnist_service.client import MnistClient, ServerNotReady, ServiceClientError, wait_until_ready
 from mnist_service.images import png_bytes, user_digit
+
+from .conftest import free_port
 
 
 def _app_transport(client: TestClient) -> httpx.BaseTransport:
@@ -61,3 +63,11 @@ def test_ready_is_false_when_the_server_is_down() -> None:
 
     with MnistClient(transport=httpx.MockTransport(handler)) as mc:
         assert mc.ready() is False
+
+
+def test_wait_until_ready_gives_up_on_a_dead_process_or_a_silent_port() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(ServerNotReady, match="exited before it was ready"):
+        wait_until_ready(url, lambda: False, timeout=5)
+    with pytest.raises(ServerNotReady, match=r"not ready after 0\.3s"):
+        wait_until_ready(url, lambda: True, timeout=0.3)
