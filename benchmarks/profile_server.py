@@ -19,6 +19,7 @@ from pathlib import Path
 
 from benchmarks.run import OUT, digit_image, free_port
 from benchmarks.servers import ensure_hey, running, server_spec
+from mnist_service.server import worker_pids
 from mnist_service.stress import build_payload
 
 # First match wins, checked from the leaf frame up: the stage a sample is spent in.
@@ -69,11 +70,9 @@ def a_worker(supervisor: int) -> int:
     """The pid of one worker process: the supervisor only accepts connections, workers serve them."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-        for child in children:
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline:
-                return int(child)
+        workers = worker_pids(supervisor)
+        if workers:
+            return workers[0]
         time.sleep(0.1)
     return supervisor  # WORKERS=1: the server is one process
 

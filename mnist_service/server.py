@@ -132,6 +132,13 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def worker_pids(supervisor: int) -> list[int]:
+    """The worker processes of a running supervisor, read from Linux's /proc: for tools and tests
+    that attach to a worker. Spawn's resource tracker, also a child, is left out."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return [int(p) for p in children if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
 def serve(settings: Settings) -> int:
     """Check the model, then serve until signalled; returns the process exit code."""
     try:

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mnist_service.server import worker_pids
+
 from .conftest import ROOT, free_port, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -293,11 +295,6 @@ def test_a_bad_model_file_stops_startup_with_one_clear_line(
     assert "Traceback" not in log, log
 
 
-def _workers(supervisor: int) -> list[int]:
-    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-    return [int(p) for p in children if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
-
-
 def _running(pid: int) -> bool:
     """Alive and not a zombie waiting to be reaped."""
     try:
@@ -309,7 +306,7 @@ def _running(pid: int) -> bool:
 def test_workers_exit_when_the_supervisor_is_killed(start_server) -> None:
     """SIGKILL leaves the supervisor no chance to stop its workers: they must notice on their own."""
     server = start_server()
-    workers = _workers(server.proc.pid)
+    workers = worker_pids(server.proc.pid)
     assert len(workers) == 2 and all(_running(p) for p in workers), workers
     server.proc.kill()
     server.proc.wait()
