@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +69,75 @@ def client(settings: Settings) -> Iterator[TestClient]:
     """A client of a fully started app (lifespan run: model loaded, verified and warmed)."""
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+# Real server processes: `python model_inference.py` on a free port, as a user starts it.
+STARTUP_TIMEOUT_S = 120.0  # torch import, model load and warm-up on a busy shared machine
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_process(model_path: Path, tmp_path: Path, **env: str) -> Server:
+    """Start the server without waiting for it (a test of a failing startup watches it fail)."""
+    port = free_port()
+    log = tmp_path / f"server-{port}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "model_inference.py", "--model", str(model_path), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+    return Server(proc, port, log)
+
+
+@pytest.fixture
+def start_server(model_path: Path, tmp_path: Path) -> Iterator:
+    """start(**env) -> a ready Server; every server still running is killed after the test."""
+    servers: list[Server] = []
+
+    def start(**env: str) -> Server:
+        server = start_process(model_path, tmp_path, **env)
+        servers.append(server)
+        wait_ready(server.url, server.proc, server.log, STARTUP_TIMEOUT_S)
+        # /readyz answers once one worker is ready: wait for every worker, so load splits as in service.
+        workers = int(env.get("WORKERS", "2"))
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while server.stderr().count("Application startup complete.") < workers:
+            assert server.proc.poll() is None and time.monotonic() < deadline, server.stderr()
+            time.sleep(0.05)
+        return server
+
+    yield start
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def exit_code_within(proc: subprocess.Popen[bytes], seconds: float) -> tuple[int | None, float]:
+    started = time.monotonic()
+    try:
+        return proc.wait(timeout=seconds), time.monotonic() - started
+    except subprocess.TimeoutExpired:
+        return None, time.monotonic() - started
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False

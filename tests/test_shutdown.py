@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -16,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,69 +24,15 @@ from PIL import Image
 
 from mnist_service.server import worker_pids
 
-from .conftest import ROOT, free_port, wait_ready
+from .conftest import ROOT, exit_code_within, running, start_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-STARTUP_TIMEOUT_S = 120.0  # torch import, model load and warm-up on a busy shared machine
 
 
 def _answers(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _start(model_path: Path, tmp_path: Path, **env: str) -> Server:
-    port = free_port()
-    log = tmp_path / f"server-{port}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "model_inference.py", "--model", str(model_path), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
-    return Server(proc, port, log)
-
-
-@pytest.fixture
-def start_server(model_path: Path, tmp_path: Path) -> Iterator:
-    servers: list[Server] = []
-
-    def start(**env: str) -> Server:
-        server = _start(model_path, tmp_path, **env)
-        servers.append(server)
-        wait_ready(server.url, server.proc, server.log, STARTUP_TIMEOUT_S)
-        return server
-
-    yield start
-    for server in servers:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
-
-
-def _exit_code_within(proc: subprocess.Popen[bytes], seconds: float) -> tuple[int | None, float]:
-    started = time.monotonic()
-    try:
-        return proc.wait(timeout=seconds), time.monotonic() - started
-    except subprocess.TimeoutExpired:
-        return None, time.monotonic() - started
 
 
 def _predict_count(url: str) -> float:
@@ -196,7 +140,7 @@ def test_sigterm_drains_under_load_without_dropping_a_request(start_server, tmp_
     time.sleep(max(0.0, drain_ends + 0.5 - time.monotonic()))
     listener_closed = not _answers(server.port)
     uploader.join(timeout=30)
-    code, waited = _exit_code_within(server.proc, drain + timeout + 5)
+    code, waited = exit_code_within(server.proc, drain + timeout + 5)
     probe.stop.set()
     probe.join(timeout=5)
     log = server.stderr()
@@ -237,7 +181,7 @@ def test_second_sigterm_exits_at_once(start_server) -> None:
         time.sleep(0.01)
     assert server.proc.poll() is None, "the first SIGTERM must drain, not exit"
     server.proc.send_signal(signal.SIGTERM)
-    code, waited = _exit_code_within(server.proc, 10)  # the drain alone would take 60 s
+    code, waited = exit_code_within(server.proc, 10)  # the drain alone would take 60 s
     assert code is not None, "a second SIGTERM did not stop the server"
     assert waited < 10
 
@@ -245,7 +189,7 @@ def test_second_sigterm_exits_at_once(start_server) -> None:
 def test_sigint_exits_promptly_and_cleanly(start_server) -> None:
     server = start_server(SHUTDOWN_DRAIN_SECONDS="60", SHUTDOWN_TIMEOUT_SECONDS="10")
     server.proc.send_signal(signal.SIGINT)  # Ctrl-C on a developer's terminal: no drain
-    code, waited = _exit_code_within(server.proc, 10)
+    code, waited = exit_code_within(server.proc, 10)
     assert waited < 10
     assert code == 0, f"exit code {code}\n{server.stderr()}"
     assert "Traceback" not in server.stderr()
@@ -278,13 +222,13 @@ def test_a_bad_model_file_stops_startup_with_one_clear_line(
     for name in ("mnist_cnn.pt", "mnist_cnn.json"):
         (copy / name).write_bytes((model_dir / name).read_bytes())
     damage(copy / "mnist_cnn.pt")
-    server = _start(copy / "mnist_cnn.pt", tmp_path)
+    server = start_process(copy / "mnist_cnn.pt", tmp_path)
     served = False
     deadline = time.monotonic() + 60
     while server.proc.poll() is None and time.monotonic() < deadline:
         served = served or _answers(server.port)
         time.sleep(0.02)
-    code, _ = _exit_code_within(server.proc, 1)
+    code, _ = exit_code_within(server.proc, 1)
     log = server.stderr()
     errors = [line for line in log.splitlines() if " ERROR " in line]
 
@@ -295,22 +239,14 @@ def test_a_bad_model_file_stops_startup_with_one_clear_line(
     assert "Traceback" not in log, log
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie waiting to be reaped."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_workers_exit_when_the_supervisor_is_killed(start_server) -> None:
     """SIGKILL leaves the supervisor no chance to stop its workers: they must notice on their own."""
     server = start_server()
     workers = worker_pids(server.proc.pid)
-    assert len(workers) == 2 and all(_running(p) for p in workers), workers
+    assert len(workers) == 2 and all(running(p) for p in workers), workers
     server.proc.kill()
     server.proc.wait()
     deadline = time.monotonic() + 20
-    while any(_running(p) for p in workers):
+    while any(running(p) for p in workers):
         assert time.monotonic() < deadline, "a worker outlived its supervisor by 20 s"
         time.sleep(0.1)
