@@ -128,5 +128,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=metrics,
         max_body_bytes=settings.max_upload_bytes,
         access_log=settings.access_log,
+        body_timeout_s=settings.body_timeout_s,
     )
     return app

@@ -44,6 +44,15 @@ class PayloadTooLarge(ServiceError):
     code = 413
 
 
+class RequestTimeout(ServiceError):
+    """The client sent its body too slowly; the connection is closed after the answer."""
+
+    code = 408
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Connection": "close"})
+
+
 class UnsupportedMediaType(ServiceError):
     code = 415
 

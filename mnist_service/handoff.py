@@ -8,6 +8,16 @@ accepts every connection and passes its file descriptor (SCM_RIGHTS over a Unix 
 the ready worker with the fewest open connections, so keep-alive load splits evenly.
 
 The cost is one accept and one sendmsg in the supervisor per *connection*, not per request.
+
+Keep-alive connections stay where they landed, so a worker that starts late (the successor of
+a dead one) would get none of the existing load. `rebalance` asks an over-loaded worker to close
+some of its connections politely, with `Connection: close` on their next answer; their clients
+reconnect, and the new connections go to the least-loaded worker.
+
+A worker holds at most `max_connections` at once: when every ready worker is at the cap, the
+supervisor answers the new connection 503 itself and closes it, so a flood of idle clients can
+exhaust neither the workers' file descriptors nor their memory. A worker that dies is taken out
+of the rotation the moment its channel breaks, and `replace` gives its successor a fresh link.
 """
 
 from __future__ import annotations
@@ -26,50 +36,102 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _TOKEN = b"c"
+# What a connection over the cap gets: a complete answer the client can act on, written at once.
+_BUSY_BODY = b'{"detail":"the server is at its connection limit (MAX_CONNECTIONS per worker); retry shortly"}'
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
+)
 
 
 @dataclass
 class WorkerLink:
-    """What a supervisor and one worker share: the fd channel and two counters in shared memory.
+    """What a supervisor and one worker share: the fd channel and counters in shared memory.
 
-    Each counter has a single writer, so neither needs a lock: `ready` and `closed` are written
-    by the worker only, and the supervisor counts what it sent itself.
+    Each counter has a single writer at a time, so none needs a lock: `ready`, `closed` and
+    `shed_done` are written by the worker (and `ready` cleared by the supervisor once the worker
+    is gone), `shed_asked` by the supervisor, which counts what it sent itself.
     """
 
     channel: socket.socket  # the worker's end of a SOCK_SEQPACKET pair
     ready: Any  # multiprocessing Value('b'): 1 while the worker takes connections
     closed: Any  # multiprocessing Value('q'): connections the worker has finished with
+    shed_asked: Any  # multiprocessing Value('q'): connections the supervisor asked it to close, in all
+    shed_done: Any  # multiprocessing Value('q'): connections it has closed for that, in all
 
 
 class Dispatcher:
     """The supervisor's side: accept on the listening socket, hand each connection to a worker."""
 
     def __init__(
-        self, listener: socket.socket, workers: int, context: multiprocessing.context.BaseContext, backlog: int
+        self,
+        listener: socket.socket,
+        workers: int,
+        context: multiprocessing.context.BaseContext,
+        backlog: int,
+        max_connections: int = 1_000_000,
+        on_refused: Callable[[], None] = lambda: None,
     ) -> None:
         self.listener = listener
         self.listener.listen(backlog)
         self.listener.setblocking(False)
+        self.max_connections = max_connections
+        self._on_refused = on_refused  # called for each connection answered 503 at the cap
+        self._context = context
         self._ends: list[socket.socket] = []
         self.links: list[WorkerLink] = []
+        self._sent: list[int] = []
         for _ in range(workers):
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            ours.setblocking(False)  # a stuck worker must never block the accept loop
+            ours, link = self._new_link()
             self._ends.append(ours)
-            self.links.append(WorkerLink(theirs, context.Value("b", 0, lock=False), context.Value("q", 0, lock=False)))
-        self._sent = [0] * workers
+            self.links.append(link)
+            self._sent.append(0)
         self._next = 0  # where the search for the least-loaded worker starts: ties rotate
         self._selector = selectors.DefaultSelector()
         self._selector.register(listener, selectors.EVENT_READ)
         self.accepting = True
 
+    def _new_link(self) -> tuple[socket.socket, WorkerLink]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)  # a stuck worker must never block the accept loop
+        context = self._context
+        ready, *counters = (context.Value(kind, 0, lock=False) for kind in "bqqq")
+        return ours, WorkerLink(theirs, ready, *counters)
+
+    def replace(self, worker: int) -> WorkerLink:
+        """A fresh link for the successor of a dead worker; the old channel and counts are dropped."""
+        self.links[worker].ready.value = 0
+        self._ends[worker].close()
+        self._ends[worker], self.links[worker] = self._new_link()
+        self._sent[worker] = 0
+        return self.links[worker]
+
     def forget_worker_ends(self) -> None:
-        """Close our copies of the workers' channel ends once the workers hold their own."""
+        """Close our copies of the workers' channel ends once the workers hold their own.
+
+        Only the worker must hold its end: then its death breaks the channel at once."""
         for link in self.links:
             link.channel.close()
 
     def open_connections(self) -> list[int]:
         return [sent - link.closed.value for sent, link in zip(self._sent, self.links, strict=True)]
+
+    def rebalance(self) -> None:
+        """Ask each ready worker holding over its fair share (+1) of connections to close the excess.
+
+        Called from the supervisor's loop; a request already pending is not asked again.
+        """
+        ready = [i for i, link in enumerate(self.links) if link.ready.value]
+        if len(ready) < 2:
+            return
+        load = self.open_connections()
+        fair = -(-sum(load[i] for i in ready) // len(ready))  # ceiling
+        for i in ready:
+            link = self.links[i]
+            pending = link.shed_asked.value - link.shed_done.value
+            excess = load[i] - fair - pending
+            if load[i] > fair + 1 and excess > 0:
+                link.shed_asked.value += excess
 
     def poll(self, timeout: float) -> None:
         """Wait up to `timeout` for connections and hand them out; waits idle while no worker is ready."""
@@ -103,14 +165,27 @@ class Dispatcher:
         for i in order:
             if not self.links[i].ready.value:
                 continue
+            if load[i] >= self.max_connections:
+                break  # the least loaded is at the cap, so every ready worker is
             try:
                 socket.send_fds(self._ends[i], [_TOKEN], [conn.fileno()])
-            except OSError as exc:  # full or closed channel: that worker is stuck or gone
+            except (BrokenPipeError, ConnectionError) as exc:
+                # The worker is gone (its exit is reaped by the supervisor's loop): never try it again.
+                self.links[i].ready.value = 0
+                logger.warning("worker %d's channel is closed (%s): handing the connection to another", i, exc)
+                continue
+            except OSError as exc:  # a full channel: that worker is stuck, try another
                 logger.warning("could not hand a connection to worker %d: %s", i, exc)
                 continue
             self._sent[i] += 1
             return
-        logger.warning("no worker could take a connection: closing it")
+        else:
+            logger.warning("no worker could take a connection: closing it")
+            return
+        self._on_refused()
+        with contextlib.suppress(OSError):  # a small answer on a fresh socket: never blocks
+            conn.send(_BUSY)
+            conn.shutdown(socket.SHUT_WR)
 
     def stop_accepting(self) -> None:
         """Close the listening socket: new connections are refused from now on."""
@@ -137,12 +212,20 @@ class Receiver:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def counted(self, protocol_class: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
-        """A subclass of uvicorn's protocol that tells the supervisor when a connection ends."""
-        closed = self.link.closed
+        """A subclass of uvicorn's protocol that tells the supervisor when a connection ends, and
+        closes connections the supervisor asks it to shed (after answering their current request)."""
+        link = self.link
 
         class Counted(protocol_class):  # type: ignore[valid-type,misc]
+            def on_headers_complete(self) -> None:
+                super().on_headers_complete()
+                if link.shed_done.value < link.shed_asked.value and self.cycle is not None:
+                    # The answer carries `Connection: close`: the client reconnects, elsewhere.
+                    self.cycle.keep_alive = False
+                    link.shed_done.value += 1
+
             def connection_lost(self, exc: Exception | None) -> None:
-                closed.value += 1
+                link.closed.value += 1
                 super().connection_lost(exc)
 
         return Counted

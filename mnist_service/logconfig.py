@@ -9,7 +9,8 @@ import sys
 def configure_logging(level: str = "info") -> None:
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        # The pid tells the workers apart: which one logged an error, which one died.
+        format="%(asctime)s %(levelname)s %(process)d %(name)s %(message)s",
         stream=sys.stderr,
         force=True,
     )

@@ -47,6 +47,11 @@ class Metrics:
             "mnist_prediction_confidence", "Top-class probability; a shift is a drift signal.",
             buckets=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0), registry=r,
         )
+        self.header_timeouts = Counter(
+            "mnist_header_timeouts",
+            "Connections closed with 408 because a request's headers did not arrive within HEADER_TIMEOUT_S.",
+            registry=r,
+        )
         # A gauge fixed at 1, not an Info: multiprocess mode cannot aggregate Info metrics.
         self.model_info = Gauge(
             "mnist_model_info", "The model being served.", ["version", "test_accuracy"],
@@ -59,3 +64,19 @@ class Metrics:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged)
+
+
+class SupervisorMetrics:
+    """What the supervisor process counts. It must be built after PROMETHEUS_MULTIPROC_DIR is set:
+    then its samples go to the shared folder and every worker's scrape includes them."""
+
+    def __init__(self) -> None:
+        r = CollectorRegistry()
+        self.worker_deaths = Counter(
+            "mnist_worker_deaths", "Worker processes that died unexpectedly, by cause (signal or exit code); "
+            "each is replaced until WORKER_RESTART_LIMIT.", ["cause"], registry=r,
+        )
+        self.connections_refused = Counter(
+            "mnist_connections_refused",
+            "Connections answered 503 at once because every worker held MAX_CONNECTIONS.", registry=r,
+        )

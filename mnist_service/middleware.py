@@ -5,20 +5,24 @@ Pure ASGI rather than BaseHTTPMiddleware, which costs a task and a copy per requ
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 import uuid
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mnist_service.errors import PayloadTooLarge, error_body
+from mnist_service.errors import PayloadTooLarge, RequestTimeout, error_body
 from mnist_service.metrics import Metrics
+from mnist_service.protocol import CLIENT_GONE
 
 access_log = logging.getLogger("mnist_service.access")
 logger = logging.getLogger(__name__)
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before its answer
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -30,13 +34,27 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class RequestContextMiddleware:
-    """Request id (echoes a sane X-Request-ID), upload limit, per-request metrics and a log line
-    (for every request, or by default only for those answered 4xx/5xx: ACCESS_LOG)."""
+    """Request id (echoes a sane X-Request-ID), upload limit and deadline, per-request metrics and a
+    log line (for every request, or by default only for those answered 4xx/5xx: ACCESS_LOG).
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, access_log: str = "errors") -> None:
+    A client that hangs up before its answer is counted and logged as 499 (nginx's "client closed
+    request"), never as a server error: whether it left while its upload arrived (the body read
+    sees the disconnect) or while its request waited for inference (the protocol cancels the
+    request's task with CLIENT_GONE).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int,
+        access_log: str = "errors",
+        body_timeout_s: float = 30.0,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.min_logged_status = {"all": 0, "errors": 400, "off": 1000}[access_log]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -49,6 +67,32 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
         response_started = False
+        client_gone = False  # the client hung up before its answer started
+        body_deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        received = 0
+        more_body = True
+
+        async def guarded_receive() -> Message:
+            nonlocal received, more_body, client_gone
+            if not more_body:  # the body is in: what follows only reports a disconnect
+                message = await receive()
+            else:
+                try:
+                    async with asyncio.timeout_at(body_deadline):
+                        message = await receive()
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"the request body did not arrive within {self.body_timeout_s:g}s (BODY_TIMEOUT_S); "
+                        "send it at once, or check the client's network"
+                    ) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                more_body = message.get("more_body", False)
+                if received > self.max_body_bytes:
+                    raise PayloadTooLarge(self._too_large())
+            elif message["type"] == "http.disconnect" and not response_started:
+                client_gone = True
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
@@ -63,7 +107,15 @@ class RequestContextMiddleware:
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 await self._error(send_with_id, 413, self._too_large(), request_id, scope["path"])
             else:
-                await self.app(scope, self._limited(receive), send_with_id)
+                await self.app(scope, guarded_receive, send_with_id)
+        except ClientDisconnect:
+            client_gone = True  # raised by the body read that saw the disconnect
+        except asyncio.CancelledError as exc:
+            if exc.args[:1] != (CLIENT_GONE,):
+                raise  # a shutdown's cancellation: not ours to swallow
+            # The protocol cancelled us because the client left: its queued work is dropped.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            client_gone = client_gone or not response_started
         except Exception:
             # Anything that escaped the app's handlers: log it whole, tell the client nothing of it.
             logger.exception("unhandled error (request_id=%s)", request_id)
@@ -71,6 +123,8 @@ class RequestContextMiddleware:
                 detail = "internal error; quote the request id when reporting it"
                 await self._error(send_with_id, 500, detail, request_id, scope["path"])
         finally:
+            if client_gone:
+                status = CLIENT_CLOSED_REQUEST  # whatever the app tried to answer reached nobody
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
@@ -87,20 +141,6 @@ class RequestContextMiddleware:
             f"the request body is over the {self.max_body_bytes} byte limit (MAX_UPLOAD_BYTES): "
             "send a smaller image"
         )
-
-    def _limited(self, receive: Receive) -> Receive:
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise PayloadTooLarge(self._too_large())
-            return message
-
-        return limited_receive
 
     @staticmethod
     async def _error(send: Send, status: int, detail: str, request_id: str, path: str) -> None:

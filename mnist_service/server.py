@@ -9,18 +9,20 @@ A second SIGTERM or SIGINT exits at once. The process exits 0 after a graceful s
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import multiprocessing
 import multiprocessing.context
 import os
+import resource
 import shutil
 import signal
 import socket
 import sys
 import tempfile
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -30,6 +32,7 @@ import uvicorn
 from mnist_service.handoff import Dispatcher, Receiver, WorkerLink
 from mnist_service.integrity import ModelLoadError, read_verified_metadata
 from mnist_service.logconfig import configure_logging
+from mnist_service.protocol import guarded_protocol
 from mnist_service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -139,8 +142,25 @@ def worker_pids(supervisor: int) -> list[int]:
     return [int(p) for p in children if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
+def _ensure_fd_limit(settings: Settings) -> None:
+    """Raise the soft open-files limit so that each worker can hold MAX_CONNECTIONS connections."""
+    needed = settings.max_connections + 256  # the model, logs, metrics files, pools, the channel
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        logger.warning(
+            "the open-files limit (%d) is below MAX_CONNECTIONS=%d + 256: lower MAX_CONNECTIONS or raise "
+            "the limit (ulimit -n), or connections may fail with 'too many open files'",
+            target, settings.max_connections,
+        )
+
+
 def serve(settings: Settings) -> int:
     """Check the model, then serve until signalled; returns the process exit code."""
+    _ensure_fd_limit(settings)
     try:
         # Fail in one clear line before uvicorn starts, instead of a lifespan traceback.
         read_verified_metadata(settings.model_path, settings.resolved_metadata_path)
@@ -152,11 +172,17 @@ def serve(settings: Settings) -> int:
     return _supervise(settings)
 
 
-def _uvicorn_config(settings: Settings, app: Any = None) -> uvicorn.Config:
+def _uvicorn_config(
+    settings: Settings, app: Any = None, on_header_timeout: Callable[[], None] = lambda: None
+) -> uvicorn.Config:
     return uvicorn.Config(
         app or "mnist_service.api:create_app",
         host=settings.host,
         port=settings.port,
+        http=guarded_protocol(settings.header_timeout_s, on_header_timeout),
+        timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]  # a float works
+        # Alone, a worker bounds its own connections; behind the supervisor, the supervisor does.
+        limit_concurrency=settings.max_connections if settings.workers <= 1 else None,
         log_level=settings.log_level,
         access_log=False,  # the middleware logs one line per request with its id
         timeout_graceful_shutdown=settings.shutdown_timeout_seconds,  # type: ignore[arg-type]  # a float works
@@ -171,7 +197,8 @@ def _run_worker(settings: Settings, stops: StopRequests | None = None, link: Wor
 
     app = create_app(settings)
     receiver = Receiver(link) if link is not None else None
-    server = DrainingServer(_uvicorn_config(settings, app), app, settings.shutdown_drain_seconds, stops, receiver)
+    config = _uvicorn_config(settings, app, app.state.metrics.header_timeouts.inc)
+    server = DrainingServer(config, app, settings.shutdown_drain_seconds, stops, receiver)
     server.run()
     return 0 if server.started else 1
 
@@ -182,6 +209,15 @@ def _worker_main(settings: Settings, link: WorkerLink, stops: StopRequests) -> N
     sys.exit(_run_worker(settings, stops, link))
 
 
+def _death_cause(exitcode: int) -> str:
+    """'SIGKILL' for a process killed by a signal, 'exit 1' for one that exited: a metric label."""
+    if exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-exitcode).name
+        return f"signal {-exitcode}"
+    return f"exit {exitcode}"
+
+
 def _supervise(settings: Settings) -> int:
     """Run `settings.workers` server processes behind one listening socket.
 
@@ -189,22 +225,40 @@ def _supervise(settings: Settings) -> int:
     cores busy: in one process the GIL serialises HTTP parsing and image decoding. This process
     accepts every connection and hands it to the least-loaded worker (see handoff.py). Signals
     are forwarded, so each worker drains on its own, and the listener closes when the drain
-    window ends. A worker that dies unexpectedly stops the rest: the supervisor (Kubernetes,
-    Docker) restarts the whole, which is simpler to reason about.
+    window ends.
+
+    A worker that dies (an OOM kill, a crash in a native library) is replaced: the others keep
+    serving while its successor loads, verifies and warms the model, and only then takes
+    connections. More than WORKER_RESTART_LIMIT deaths within WORKER_RESTART_WINDOW_S is a crash
+    loop: the server stops and exits 3, so the orchestrator sees a broken container rather than
+    one that flaps.
     """
     metrics_dir = Path(tempfile.mkdtemp(prefix="mnist-metrics-"))
-    # prometheus_client's multiprocess mode is chosen from this variable when a worker imports it.
+    # prometheus_client's multiprocess mode is chosen from this variable when a process imports it.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    from prometheus_client import multiprocess
+
+    from mnist_service.metrics import SupervisorMetrics
+
+    metrics = SupervisorMetrics()
     worker_settings = settings.model_copy(update={"prometheus_multiproc_dir": metrics_dir})
     context = multiprocessing.get_context("spawn")
     config = _uvicorn_config(settings)
-    dispatcher = Dispatcher(config.bind_socket(), settings.workers, context, config.backlog)
+    dispatcher = Dispatcher(
+        config.bind_socket(), settings.workers, context, config.backlog,
+        max_connections=settings.max_connections, on_refused=metrics.connections_refused.inc,
+    )
     stops = StopRequests(context)
-    workers = [
-        context.Process(target=_worker_main, args=(worker_settings, link, stops), name=f"worker-{i}")
-        for i, link in enumerate(dispatcher.links)
-    ]
+
+    def spawn(slot: int, link: WorkerLink) -> multiprocessing.process.BaseProcess:
+        worker = context.Process(target=_worker_main, args=(worker_settings, link, stops), name=f"worker-{slot}")
+        worker.start()
+        return worker
+
+    workers: list[multiprocessing.process.BaseProcess] = []
+    deaths: collections.deque[float] = collections.deque()  # when workers died, within the window
     stopping = False
+    crash_loop = False
     close_listener_at: float | None = None  # set by signals, acted on by the loop below
 
     def forward(sig: int, _frame: FrameType | None) -> None:
@@ -217,12 +271,42 @@ def _supervise(settings: Settings) -> int:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, sig)
 
+    def replace_dead() -> None:
+        nonlocal crash_loop
+        now = time.monotonic()
+        for slot, worker in enumerate(workers):
+            if worker.exitcode is None or worker.pid is None:
+                continue
+            cause = _death_cause(worker.exitcode)
+            metrics.worker_deaths.labels(cause).inc()
+            multiprocess.mark_process_dead(worker.pid)  # its live gauges (queue depth) no longer count
+            deaths.append(now)
+            while deaths and deaths[0] < now - settings.worker_restart_window_s:
+                deaths.popleft()
+            if len(deaths) > settings.worker_restart_limit:
+                logger.error(
+                    "worker %s (pid %d) died (%s): %d deaths within %gs is over WORKER_RESTART_LIMIT=%d; "
+                    "stopping the server", worker.name, worker.pid, cause, len(deaths),
+                    settings.worker_restart_window_s, settings.worker_restart_limit,
+                )
+                crash_loop = True
+                forward(signal.SIGTERM, None)
+                return
+            logger.error(
+                "worker %s (pid %d) died (%s): starting a replacement; the other workers keep serving "
+                "(%d of %d deaths allowed within %gs)", worker.name, worker.pid, cause, len(deaths),
+                settings.worker_restart_limit, settings.worker_restart_window_s,
+            )
+            link = dispatcher.replace(slot)
+            workers[slot] = spawn(slot, link)
+            link.channel.close()  # the new worker holds its own duplicate now
+
     handled = (signal.SIGTERM, signal.SIGINT)
     # Ignored dispositions survive exec: the workers start deaf and read `stops` when ready.
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in handled}
     try:
-        for worker in workers:
-            worker.start()
+        for slot, link in enumerate(dispatcher.links):
+            workers.append(spawn(slot, link))
         for sig in handled:
             signal.signal(sig, forward)
         dispatcher.forget_worker_ends()  # each worker holds its own duplicate now
@@ -231,10 +315,9 @@ def _supervise(settings: Settings) -> int:
             if close_listener_at is not None and time.monotonic() >= close_listener_at:
                 dispatcher.stop_accepting()
             dispatcher.poll(timeout=0.1)
-            for worker in workers:
-                if worker.exitcode not in (None, 0) and not stopping:
-                    logger.error("worker %s exited with code %s: stopping the others", worker.name, worker.exitcode)
-                    forward(signal.SIGTERM, None)
+            if not stopping:
+                replace_dead()
+                dispatcher.rebalance()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -242,4 +325,6 @@ def _supervise(settings: Settings) -> int:
         for worker in workers:
             worker.join(timeout=5)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    if crash_loop:
+        return 3
     return 0 if all(w.exitcode == 0 for w in workers) else 1

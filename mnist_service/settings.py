@@ -57,6 +57,27 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(64, ge=1, description="Files accepted by /predict/batch and v2 N.")
     decode_threads: int = Field(2, ge=1, description="Threads that decode uploaded images.")
 
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection must send a request's complete headers within this long "
+        "(from connecting, or from the previous answer on a kept-alive connection); then 408 and closed.",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Once its headers are in, a request's whole body must arrive within this "
+        "long; then 408 and the connection closed.",
+    )
+    keepalive_timeout_s: float = Field(
+        5.0, gt=0, description="An idle keep-alive connection is closed after this long without a new request.",
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="Open connections per worker. When every worker is at it, new connections "
+        "are answered 503 at once and closed, so a flood of idle clients cannot exhaust file descriptors.",
+    )
+    worker_restart_limit: int = Field(
+        5, ge=0, description="Worker deaths tolerated within WORKER_RESTART_WINDOW_S: each dead worker is "
+        "replaced; one death more and the server exits non-zero (a crash loop is the orchestrator's to see).",
+    )
+    worker_restart_window_s: float = Field(60.0, gt=0, description="The window WORKER_RESTART_LIMIT counts in.")
+
     shutdown_drain_seconds: float = Field(
         5.0, ge=0, description="After SIGTERM: keep serving this long while /readyz says 503."
     )

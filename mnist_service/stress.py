@@ -1,7 +1,7 @@
 """Load generator: a sequential phase, then a concurrent one, with latency percentiles.
 
 The whole request (line, headers, body) is encoded once up front and replayed on keep-alive
-HTTP/1.1 connections by a minimal client (`_Connection`), so the tester spends its CPU on the
+HTTP/1.1 connections by a minimal client (`Connection`), so the tester spends its CPU on the
 socket, not on building requests: on a shared 2-core box the client competes with the server.
 httpx cost about 0.8 ms of client CPU per request (this one 55 us), which capped what the
 tester could measure.
@@ -77,7 +77,7 @@ class PhaseResult:
         }
 
 
-class _Connection:
+class Connection:
     """One keep-alive HTTP/1.1 connection that sends the same prebuilt request over and over.
 
     Reads exactly what a server may answer: a status line, headers, then a body framed by
@@ -182,7 +182,7 @@ async def run_phase(
         return True
 
     async def worker() -> None:
-        connection = _Connection(url, payload, timeout_s)
+        connection = Connection(url, payload, timeout_s)
         try:
             while more():
                 start = time.perf_counter()

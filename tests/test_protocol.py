@@ -1,0 +1,278 @@
+"""Slow, idle and vanishing clients against a real uvicorn server on a real socket.
+
+The server runs in a thread of the test process (one worker, the same protocol class and
+middleware as in production), so a test can read its metrics and, for the inference tests, slow
+its model down: what is checked is what a client sees on the wire and what the server counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from mnist_service.api import create_app
+from mnist_service.images import png_bytes
+from mnist_service.server import _uvicorn_config
+from mnist_service.settings import Settings
+
+from .conftest import free_port
+
+HEADER_TIMEOUT = 0.6
+BODY_TIMEOUT = 0.8
+KEEPALIVE_TIMEOUT = 0.5
+
+
+class _Running:
+    def __init__(self, app: FastAPI, port: int) -> None:
+        self.app, self.port = app, port
+
+    def connect(self) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port))
+        s.settimeout(5)
+        return s
+
+    def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        text = self.app.state.metrics.render().decode()
+        return {
+            tuple(sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        }
+
+    def status_count(self, status: int) -> float:
+        return sum(v for labels, v in self.samples("mnist_requests_total").items() if ("status", str(status)) in labels)
+
+
+@pytest.fixture
+def server(model_path) -> Iterator[_Running]:
+    settings = Settings(
+        model_path=model_path, workers=1, header_timeout_s=HEADER_TIMEOUT, body_timeout_s=BODY_TIMEOUT,
+        keepalive_timeout_s=KEEPALIVE_TIMEOUT, max_batch_delay_ms=0, host="127.0.0.1", port=free_port(),
+    )
+    app = create_app(settings)
+    uv = uvicorn.Server(_uvicorn_config(settings, app, app.state.metrics.header_timeouts.inc))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    yield _Running(app, settings.port)
+    uv.should_exit = True
+    thread.join(timeout=15)
+
+
+def _read_until_closed(s: socket.socket) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    started, data = time.monotonic(), b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data, time.monotonic() - started
+
+
+def _digit_png() -> bytes:
+    image = np.zeros((28, 28), dtype=np.uint8)
+    image[6:22, 12:16] = 255  # a 1
+    return png_bytes(Image.fromarray(image))
+
+
+def _raw_upload(body: bytes, length: int | None = None) -> bytes:
+    return (
+        b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+        + f"Content-Length: {length if length is not None else len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+
+def test_headers_sent_too_slowly_get_408_and_the_connection_closed(server: _Running) -> None:
+    with server.connect() as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\n")  # and never the rest
+        data, waited = _read_until_closed(s)
+    assert data.startswith(b"HTTP/1.1 408 "), data[:80]
+    assert b"HEADER_TIMEOUT_S" in data
+    assert HEADER_TIMEOUT * 0.8 < waited < HEADER_TIMEOUT + 3, waited
+    assert server.samples("mnist_header_timeouts_total") == {(): 1.0}
+
+
+def test_a_byte_at_a_time_does_not_extend_the_header_deadline(server: _Running) -> None:
+    request = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * 100
+    with server.connect() as s:
+        started = time.monotonic()
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            for byte in request:  # slowloris: every byte well inside the deadline, the whole far outside
+                s.sendall(bytes([byte]))
+                time.sleep(0.05)
+        assert time.monotonic() - started < HEADER_TIMEOUT + 3
+    assert server.samples("mnist_header_timeouts_total") == {(): 1.0}
+
+
+def test_a_connection_that_sends_nothing_is_closed_silently(server: _Running) -> None:
+    with server.connect() as s:
+        data, waited = _read_until_closed(s)
+    assert data == b""
+    assert HEADER_TIMEOUT * 0.8 < waited < HEADER_TIMEOUT + 3, waited
+
+
+def test_an_idle_keepalive_connection_is_closed(server: _Running) -> None:
+    with server.connect() as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        first = s.recv(65536)
+        data, waited = _read_until_closed(s)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert data == b""
+    assert waited < KEEPALIVE_TIMEOUT + 3, waited
+
+
+def test_a_keepalive_connection_in_use_is_not_cut(server: _Running) -> None:
+    """Requests on one connection, spread over more than the header deadline: all answered."""
+    with server.connect() as s:
+        for _ in range(6):
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            time.sleep(HEADER_TIMEOUT / 3)
+
+
+def test_a_body_sent_too_slowly_gets_408_and_the_connection_closed(server: _Running) -> None:
+    png = _digit_png()
+    with server.connect() as s:
+        s.sendall(_raw_upload(png[:10], length=len(png)))
+        data, waited = _read_until_closed(s)
+    assert data.startswith(b"HTTP/1.1 408 "), data[:80]
+    assert b"connection: close" in data.lower()
+    assert b"BODY_TIMEOUT_S" in data
+    assert BODY_TIMEOUT * 0.8 < waited < BODY_TIMEOUT + 3, waited
+    assert server.status_count(408) == 1
+
+
+def test_a_client_hanging_up_mid_upload_is_a_499_in_one_line(
+    server: _Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    png = _digit_png()
+    caplog.set_level(logging.INFO)
+    with server.connect() as s:
+        s.sendall(_raw_upload(png[:10], length=len(png)))
+        time.sleep(0.1)
+    _wait_for(lambda: server.status_count(499) == 1, "the hang-up was never counted as 499")
+    assert server.status_count(500) == 0
+    lines = [r for r in caplog.records if "status=499" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    assert not any(r.exc_info for r in caplog.records), "a hang-up must not log a traceback"
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_a_client_hanging_up_mid_json_body_is_a_499(server: _Running) -> None:
+    """/predict/pixels reads its body through FastAPI, which turns a disconnect into a 400."""
+    with server.connect() as s:
+        s.sendall(
+            b"POST /predict/pixels HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5000\r\n\r\n{\"pixels\": [0, 0, "
+        )
+        time.sleep(0.1)
+    _wait_for(lambda: server.status_count(499) == 1, "the hang-up was never counted as 499")
+    assert server.status_count(400) == 0 and server.status_count(500) == 0
+
+
+def _slow_model(server: _Running, seconds: float) -> list[int]:
+    """Make every forward pass take `seconds`; returns the list of batch sizes it computes."""
+    predictor = server.app.state.predictor
+    module = predictor.module
+    computed: list[int] = []
+
+    def slow(x: Any) -> Any:
+        computed.append(int(x.shape[0]))
+        time.sleep(seconds)
+        return module(x)
+
+    predictor.module = slow
+    return computed
+
+
+def test_a_request_whose_client_left_while_queued_is_not_computed(server: _Running) -> None:
+    computed = _slow_model(server, 0.6)
+    png = _digit_png()
+    with server.connect() as first:
+        first.sendall(_raw_upload(png))  # occupies the inference thread for 0.6 s
+        _wait_for(lambda: computed == [1], "the first request never reached the model")
+        with server.connect() as second:
+            second.sendall(_raw_upload(png))  # queued behind it...
+            time.sleep(0.1)
+        # ...and its client gone before the first forward pass ends.
+        answer = first.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:80]
+    _wait_for(lambda: server.status_count(499) == 1, "the queued hang-up was never counted as 499")
+    time.sleep(0.8)  # time enough for a second forward pass, had the request been kept
+    assert computed == [1], f"the abandoned request was computed: batches {computed}"
+    assert server.status_count(500) == 0
+
+
+def test_many_slow_clients_do_not_delay_a_normal_one(server: _Running) -> None:
+    """300 connections dribbling headers; a normal client is still answered at once, every time."""
+    attackers = []
+    for _ in range(300):
+        s = server.connect()
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\n")
+        attackers.append(s)
+    png = _digit_png()
+    latencies = []
+    with server.connect() as s:
+        for _ in range(10):
+            started = time.monotonic()
+            s.sendall(_raw_upload(png))
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            latencies.append(time.monotonic() - started)
+    # The attackers are cut off at the deadline: each got its 408 and a closed connection.
+    closed = 0
+    for s in attackers:
+        data, _ = _read_until_closed(s)
+        closed += data.startswith(b"HTTP/1.1 408 ")
+        s.close()
+    assert closed == 300
+    assert max(latencies) < HEADER_TIMEOUT, latencies  # answered long before any attacker was cut off
+
+
+def _wait_for(condition: Callable[[], bool], message: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.02)
+
+
+def test_cancellation_that_is_not_a_hangup_still_propagates() -> None:
+    """A shutdown's cancellation must not be swallowed as a 499 (only CLIENT_GONE is)."""
+    from mnist_service.metrics import Metrics
+    from mnist_service.middleware import RequestContextMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(10)
+
+    async def run() -> None:
+        metrics = Metrics()
+        middleware = RequestContextMiddleware(app, metrics, 1000)
+        scope = {"type": "http", "method": "GET", "path": "/x", "headers": []}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Any) -> None:
+            pass
+
+        task = asyncio.create_task(middleware(scope, receive, send))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
