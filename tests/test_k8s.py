@@ -26,6 +26,12 @@ TOOLS_BIN = ROOT / ".venv-tools" / "bin"
 # pinned kubernetes-validate ships: a field removed or renamed in between fails one of them.
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 APP = "mnist-service"
+# Each overlay in k8s/overlays has a fixture of the same name; test_every_overlay_is_tested keeps them in step.
+OVERLAYS = ("local", "ingress")
+# The ingress overlay's placeholders, which the user replaces (k8s/overlays/ingress/ingress.yaml).
+INGRESS_HOST = "mnist.example.com"
+INGRESS_TLS_SECRET = "mnist-service-tls"
+NGINX = "nginx.ingress.kubernetes.io/"
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +66,11 @@ def local() -> list[dict[str, Any]]:
     return _render(K8S / "overlays" / "local")
 
 
+@pytest.fixture(scope="module")
+def ingress() -> list[dict[str, Any]]:
+    return _render(K8S / "overlays" / "ingress")
+
+
 def _one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     found = [o for o in objects if o["kind"] == kind]
     assert len(found) == 1, f"expected one {kind}, got {len(found)}"
@@ -86,6 +97,11 @@ def _config(objects: list[dict[str, Any]]) -> dict[str, str]:
     return _one(objects, "ConfigMap")["data"]
 
 
+def _settings(objects: list[dict[str, Any]]) -> Settings:
+    """The server's settings as the ConfigMap makes them: config.env over the Settings defaults."""
+    return Settings(**{key.lower(): value for key, value in _config(objects).items()})
+
+
 # --- rendering and schema validation ---------------------------------------------------------
 
 
@@ -108,13 +124,18 @@ def test_base_has_the_expected_objects(base: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("which", ["base", "local"])
+@pytest.mark.parametrize("which", ["base", *OVERLAYS])
 def test_rendered_objects_validate_strictly(which: str, version: str, request: pytest.FixtureRequest) -> None:
     for obj in request.getfixturevalue(which):
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as e:
             pytest.fail(f"{which} {obj['kind']}/{obj['metadata']['name']} invalid for {version}: {e.message}")
+
+
+def test_every_overlay_is_tested() -> None:
+    # A new overlay must join OVERLAYS (and get a fixture) so that it is validated and scanned too.
+    assert sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir()) == sorted(OVERLAYS)
 
 
 def test_strict_validation_rejects_unknown_fields(base: list[dict[str, Any]]) -> None:
@@ -267,7 +288,7 @@ def test_configmap_keys_are_settings_fields_with_valid_values(base: list[dict[st
     config = _config(base)
     fields = {name.upper() for name in Settings.model_fields}
     assert set(config) <= fields, f"not Settings fields: {sorted(set(config) - fields)}"
-    settings = Settings(**{key.lower(): value for key, value in config.items()})
+    settings = _settings(base)
     assert str(settings.model_path) == "/app/models/mnist_cnn.pt"  # where the image bakes the model
     assert "API_KEY" not in config, "the API key belongs in a Secret"
 
@@ -306,6 +327,177 @@ def test_local_overlay(base: list[dict[str, Any]], local: list[dict[str, Any]]) 
     # Everything else is the base: the security settings and probes are not overlaid away.
     assert _container(deployment)["securityContext"] == _container(_one(base, "Deployment"))["securityContext"]
     assert _container(deployment)["readinessProbe"] == _container(_one(base, "Deployment"))["readinessProbe"]
+
+
+# --- the ingress overlay ------------------------------------------------------------------------
+
+
+def _nginx(objects: list[dict[str, Any]]) -> dict[str, str]:
+    """The Ingress's ingress-nginx annotations, without the prefix."""
+    annotations = _one(objects, "Ingress")["metadata"].get("annotations", {})
+    return {key.removeprefix(NGINX): value for key, value in annotations.items() if key.startswith(NGINX)}
+
+
+def _nginx_bytes(size: str) -> int:
+    match = re.fullmatch(r"(\d+)([kKmMgG]?)", size)
+    assert match, f"not an nginx size: {size!r}"
+    return int(match.group(1)) * 1024 ** " kmg".index(match.group(2).lower() or " ")
+
+
+def _nginx_seconds(value: str) -> int:
+    # ingress-nginx takes these timeout annotations as whole seconds without a unit.
+    assert re.fullmatch(r"[1-9]\d*", value), f"not a whole number of seconds: {value!r}"
+    return int(value)
+
+
+def _routed(paths: list[dict[str, Any]], url_path: str) -> bool:
+    """Whether an Ingress path list sends url_path on (Kubernetes' Exact/Prefix rules, element-wise)."""
+    for path in paths:
+        if path["pathType"] == "Exact" and url_path == path["path"]:
+            return True
+        prefix = path["path"].rstrip("/")
+        if path["pathType"] == "Prefix" and (url_path == prefix or url_path.startswith(prefix + "/")):
+            return True
+    return False
+
+
+def _app_paths() -> set[str]:
+    """Every path the server answers, path parameters filled in."""
+    from mnist_service.api import create_app  # imports torch: only for the test that needs it
+    from mnist_service.routes import web
+
+    app = create_app(Settings())
+    paths = set(app.openapi()["paths"])  # every route in the schema, from every router
+    paths |= {route.path for route in app.routes if hasattr(route, "path")}  # FastAPI's /docs, /openapi.json, ...
+    paths |= {route.path for route in web.router.routes}  # the page and /static, left out of the schema
+    return {re.sub(r"\{[^}]+\}", "x", path) for path in paths}
+
+
+def test_ingress_overlay_only_adds_the_ingress(base: list[dict[str, Any]], ingress: list[dict[str, Any]]) -> None:
+    def key(o: dict[str, Any]) -> tuple[str, str]:
+        return o["kind"], o["metadata"]["name"]
+
+    assert sorted((o for o in ingress if o["kind"] != "Ingress"), key=key) == sorted(base, key=key)
+    obj = _one(ingress, "Ingress")
+    service = _one(ingress, "Service")
+    # ingress.yaml repeats the base's namespace and labels: they must not drift (a version bump, a rename).
+    assert obj["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert obj["metadata"]["labels"] == service["metadata"]["labels"]
+
+
+def test_ingress_routes_to_the_services_named_port(ingress: list[dict[str, Any]]) -> None:
+    obj = _one(ingress, "Ingress")
+    assert obj["apiVersion"] == "networking.k8s.io/v1"
+    assert obj["spec"]["ingressClassName"] == "nginx"
+    assert "defaultBackend" not in obj["spec"]
+    service = _one(ingress, "Service")
+    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    container_ports = {p["name"] for p in _container(_one(ingress, "Deployment"))["ports"]}
+    (rule,) = obj["spec"]["rules"]
+    assert rule["host"] == INGRESS_HOST
+    assert rule["http"]["paths"]
+    for path in rule["http"]["paths"]:
+        backend = path["backend"]["service"]
+        assert backend["name"] == service["metadata"]["name"], path["path"]
+        # By name, like the Service's targetPort: the port numbers can move without touching the Ingress.
+        assert set(backend["port"]) == {"name"}, path["path"]
+        assert service_ports[backend["port"]["name"]]["targetPort"] in container_ports, path["path"]
+
+
+def test_ingress_terminates_tls_with_the_placeholder_secret(ingress: list[dict[str, Any]]) -> None:
+    spec = _one(ingress, "Ingress")["spec"]
+    (tls,) = spec["tls"]
+    assert tls["secretName"] == INGRESS_TLS_SECRET
+    assert tls["hosts"] == [INGRESS_HOST]
+    assert {rule["host"] for rule in spec["rules"]} <= set(tls["hosts"]), "a host without its certificate"
+    assert _nginx(ingress)["ssl-redirect"] == "true"
+    # The certificate is the user's to create: a Secret here would put a private key in git.
+    assert not [o for o in ingress if o["kind"] == "Secret"]
+
+
+def test_ingress_exposes_every_route_but_metrics(ingress: list[dict[str, Any]]) -> None:
+    (rule,) = _one(ingress, "Ingress")["spec"]["rules"]
+    paths = rule["http"]["paths"]
+    served = _app_paths()
+    internal = {"/metrics"}  # Prometheus scrapes the pods directly; not for the internet
+    assert internal <= served
+    missing = sorted(p for p in served - internal if not _routed(paths, p))
+    assert not missing, f"not passed on by the Ingress (add to k8s/overlays/ingress/ingress.yaml): {missing}"
+    assert not [p for p in internal if _routed(paths, p)], "the Ingress exposes /metrics"
+    for path in paths:
+        assert any(_routed([path], p) for p in served), f"{path['path']} leads to no route of the server"
+
+
+def test_ingress_limits_agree_with_the_server(ingress: list[dict[str, Any]]) -> None:
+    nginx = _nginx(ingress)
+    settings = _settings(ingress)
+    # Only annotations ingress-nginx reads per Ingress: a ConfigMap-only key (client-body-timeout, ...) or a
+    # misspelt one as an annotation is silently ignored by the controller.
+    per_ingress = {
+        "proxy-body-size",
+        "proxy-buffering",
+        "proxy-request-buffering",
+        "proxy-connect-timeout",
+        "proxy-read-timeout",
+        "proxy-send-timeout",
+        "proxy-next-upstream",
+        "proxy-next-upstream-tries",
+        "ssl-redirect",
+    }
+    assert set(nginx) == per_ingress
+    # Exactly the server's limit: lower refuses uploads the server takes, higher buffers ones it will refuse.
+    assert _nginx_bytes(nginx["proxy-body-size"]) == settings.max_upload_bytes
+    # nginx must outwait the server's own deadlines so that the server's answer (503, 408) reaches the client.
+    assert _nginx_seconds(nginx["proxy-read-timeout"]) > settings.request_timeout_s
+    assert _nginx_seconds(nginx["proxy-send-timeout"]) > settings.body_timeout_s
+    # Moving a refused connection to another pod costs less than the request's deadline.
+    assert _nginx_seconds(nginx["proxy-connect-timeout"]) < settings.request_timeout_s
+    # nginx absorbs slow clients (and can re-send a body) only with request buffering.
+    assert nginx["proxy-request-buffering"] == "on"
+    assert nginx["proxy-buffering"] == "on"
+    # Retry on connection errors and timeouts only; never on the server's 5xx, never a POST already sent.
+    assert nginx["proxy-next-upstream"].split() == ["error", "timeout"]
+    assert 2 <= int(nginx["proxy-next-upstream-tries"]) <= 3
+
+
+def test_recommended_controller_settings_agree_with_the_server(ingress: list[dict[str, Any]]) -> None:
+    # The controller-wide keys can't be annotations; the overlay's comment gives them. Keep its numbers true.
+    text = (K8S / "overlays" / "ingress" / "kustomization.yaml").read_text()
+    recommended = {key: int(value) for key, value in re.findall(r'^#\s+([a-z-]+): "(\d+)"', text, re.MULTILINE)}
+    assert set(recommended) == {"client-header-timeout", "client-body-timeout", "upstream-keepalive-timeout"}
+    settings = _settings(ingress)
+    assert 0 < recommended["client-header-timeout"] <= settings.header_timeout_s
+    assert 0 < recommended["client-body-timeout"] <= settings.body_timeout_s
+    # nginx must close an idle connection to a pod before the server does.
+    assert 0 < recommended["upstream-keepalive-timeout"] < settings.keepalive_timeout_s
+
+
+def test_network_policy_admits_the_ingress_controller(ingress: list[dict[str, Any]]) -> None:
+    # ingress-nginx sends to the pod IPs on the Service's target port, from its own namespace.
+    controller_namespace = {"kubernetes.io/metadata.name": "ingress-nginx"}
+    (rule,) = _one(ingress, "Ingress")["spec"]["rules"]
+    (backend_port,) = {path["backend"]["service"]["port"]["name"] for path in rule["http"]["paths"]}
+    (target,) = [p["targetPort"] for p in _one(ingress, "Service")["spec"]["ports"] if p["name"] == backend_port]
+    pod = _one(ingress, "Deployment")["spec"]["template"]
+    (container_port,) = [p for p in _container(_one(ingress, "Deployment"))["ports"] if p["name"] == target]
+    pod_port = {container_port["name"], container_port["containerPort"]}
+
+    def admits_port(rule: dict[str, Any]) -> bool:
+        ports = rule.get("ports")
+        return not ports or any(p.get("port") in pod_port for p in ports)
+
+    def admits_controller(rule: dict[str, Any]) -> bool:
+        peers = rule.get("from")
+        return not peers or any(
+            set(peer) == {"namespaceSelector"}
+            and "matchExpressions" not in peer["namespaceSelector"]
+            and peer["namespaceSelector"].get("matchLabels", {}).items() <= controller_namespace.items()
+            for peer in peers
+        )
+
+    policy = _one(ingress, "NetworkPolicy")
+    assert _selects(policy["spec"]["podSelector"]["matchLabels"], pod["metadata"]["labels"])
+    assert any(admits_port(rule) and admits_controller(rule) for rule in policy["spec"]["ingress"])
 
 
 # --- extras (CRDs not in the official schemas) ---------------------------------------------------
@@ -376,11 +568,12 @@ def _checkov(*args: str) -> dict[str, Any]:
     return reports[0]["summary"]
 
 
-def test_checkov_kubernetes(base: list[dict[str, Any]], local: list[dict[str, Any]], tmp_path: Path) -> None:
-    # Scans what gets applied: the rendered base and overlay (namespace, generated names,
+def test_checkov_kubernetes(base: list[dict[str, Any]], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    # Scans what gets applied: the rendered base and overlays (namespace, generated names,
     # patches included), plus the extras as written.
     (tmp_path / "base.yaml").write_text(yaml.safe_dump_all(base))
-    (tmp_path / "local.yaml").write_text(yaml.safe_dump_all(local))
+    for overlay in OVERLAYS:
+        (tmp_path / f"{overlay}.yaml").write_text(yaml.safe_dump_all(request.getfixturevalue(overlay)))
     for extra in (K8S / "extras").glob("*.yaml"):
         shutil.copy(extra, tmp_path / f"extras-{extra.name}")
     summary = _checkov("--directory", str(tmp_path), "--framework", "kubernetes")
