@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from mnist_service.client import DEFAULT_URL, MnistClient, ServiceClientError
+from mnist_service.tools.client import DEFAULT_URL, MnistClient, ServiceClientError
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from mnist_service.logconfig import configure_logging
-from mnist_service.server import serve
+from mnist_service.process.server import serve
 from mnist_service.settings import Settings
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from mnist_service.logconfig import configure_logging
-from mnist_service.train import TrainParams, run
+from mnist_service.training.train import TrainParams, run
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from mnist_service.images import png_bytes, test_digit, user_digit
-from mnist_service.stress import ENDPOINTS, build_payload, format_report, run, write_json
+from mnist_service.tools.images import png_bytes, test_digit, user_digit
+from mnist_service.tools.stress import ENDPOINTS, build_payload, format_report, run, write_json
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mnist_service.images import noise_image, test_digit, user_digit
+from mnist_service.tools.images import noise_image, test_digit, user_digit
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from benchmarks.load import Measurement
 from benchmarks.run import OUT, digit_image, machine, median_of, run_server
 from benchmarks.servers import REPO, ensure_hey
-from mnist_service.stress import build_payload
+from mnist_service.tools.stress import build_payload
 
 DEFAULT_CONFIGS = ["1:0", "8:1", "32:0", "32:1", "32:2", "32:5", "64:2", "64:5"]
 

@@ -15,8 +15,8 @@ import litserve as ls
 import numpy as np
 import torch
 
-from mnist_service.model import optimize_for_serving
-from mnist_service.preprocess import image_to_digit
+from mnist_service.inference.model import optimize_for_serving
+from mnist_service.inference.preprocess import image_to_digit
 
 
 class MnistAPI(ls.LitAPI):

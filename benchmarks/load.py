@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.servers import REPO
-from mnist_service.stress import Payload
+from mnist_service.tools.stress import Payload
 
 TOOLS = ("stress", "hey")
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.model_speed [--model models/mnist_cnn.pt]
 
-Both go through torch.jit.script and mnist_service.model.optimize_for_serving (freeze + inference
+Both go through torch.jit.script and mnist_service.inference.model.optimize_for_serving (freeze + inference
 passes), then run at batch 1 and batch 64 with torch.set_num_threads(1). Images/s is the median
 over repeats after a warm-up.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mnist_service.model import Net, count_macs, optimize_for_serving
+from mnist_service.inference.model import Net, count_macs, optimize_for_serving
 
 
 def reference_net() -> nn.Module:
@@ -61,7 +61,7 @@ def images_per_second(module: torch.jit.ScriptModule, batch: int, repeats: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/mnist_cnn.pt"),
-                        help="our exported model; a fresh mnist_service.model.Net if the file is missing")
+                        help="our exported model; a fresh mnist_service.inference.model.Net if the file is missing")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=0.5, help="length of one timed loop")
     parser.add_argument("--json", type=Path, help="write the numbers here")
@@ -74,7 +74,7 @@ def main() -> None:
         our_name = str(args.model)
     else:
         net = Net().eval()
-        ours, our_macs, our_name = served(net), count_macs(net), "mnist_service.model.Net()"
+        ours, our_macs, our_name = served(net), count_macs(net), "mnist_service.inference.model.Net()"
     ref = reference_net()
     ref_macs = count_macs(ref)
     reference = served(ref)

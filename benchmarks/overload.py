@@ -38,9 +38,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mnist_service.client import ServerNotReady, wait_until_ready  # noqa: E402
-from mnist_service.images import png_bytes, test_digit, user_digit  # noqa: E402
 from mnist_service.settings import Settings  # noqa: E402
+from mnist_service.tools.client import ServerNotReady, wait_until_ready  # noqa: E402
+from mnist_service.tools.images import png_bytes, test_digit, user_digit  # noqa: E402
 
 
 def free_port() -> int:

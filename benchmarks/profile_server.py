@@ -19,19 +19,22 @@ from pathlib import Path
 
 from benchmarks.run import OUT, digit_image, free_port
 from benchmarks.servers import ensure_hey, running, server_spec
-from mnist_service.server import worker_pids
-from mnist_service.stress import build_payload
+from mnist_service.process.server import worker_pids
+from mnist_service.tools.stress import build_payload
 
 # First match wins, checked from the leaf frame up: the stage a sample is spent in.
 STAGES = (
-    ("torch forward", ("torch/", "forward (mnist_service/predictor.py", "_call_impl")),
-    ("image decode + preprocess (libspng, PIL, numpy)", ("pyspng/", "PIL/", "mnist_service/preprocess.py", "numpy/")),
+    ("torch forward", ("torch/", "forward (mnist_service/inference/predictor.py", "_call_impl")),
+    (
+        "image decode + preprocess (libspng, PIL, numpy)",
+        ("pyspng/", "PIL/", "mnist_service/inference/preprocess.py", "numpy/"),
+    ),
     ("multipart parsing", ("multipart/", "formparsers.py", "datastructures.py")),
     ("logging", ("logging/",)),
     ("metrics", ("prometheus_client/",)),
     ("response encoding (pydantic, json)", ("pydantic", "json/", "encoders.py", "to_predictions")),
     ("HTTP protocol (uvicorn, httptools)", ("uvicorn/protocols", "httptools")),
-    ("routing + middleware (fastapi, starlette)", ("fastapi/", "starlette/", "mnist_service/middleware.py")),
+    ("routing + middleware (fastapi, starlette)", ("fastapi/", "starlette/", "mnist_service/serving/middleware.py")),
     ("thread handoff (concurrent.futures, threading)", ("concurrent/futures", "threading.py", "queue.py")),
     ("event loop (asyncio, uvloop)", ("asyncio/", "uvloop", "run_until_complete")),
 )

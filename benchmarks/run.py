@@ -32,8 +32,8 @@ from benchmarks.servers import (
     running,
     server_spec,
 )
-from mnist_service.images import png_bytes, test_digit, user_digit
-from mnist_service.stress import Payload, build_payload
+from mnist_service.tools.images import png_bytes, test_digit, user_digit
+from mnist_service.tools.stress import Payload, build_payload
 
 OUT = REPO / "benchmarks" / "out"
 SERVERS_TEXT = (

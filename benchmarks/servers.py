@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnist_service.stress import Payload
+from mnist_service.tools.stress import Payload
 
 REPO = Path(__file__).resolve().parent.parent
 LITSERVE_VENV = REPO / ".venv-litserve"

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from mnist_service.api import create_app
-from mnist_service.client import ServerNotReady, wait_until_ready
-from mnist_service.data import load_split
+from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings
-from mnist_service.train import TrainParams, run
+from mnist_service.tools.client import ServerNotReady, wait_until_ready
+from mnist_service.training.data import load_split
+from mnist_service.training.train import TrainParams, run
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data" / "mnist"

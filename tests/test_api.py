@@ -12,9 +12,9 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from mnist_service.api import create_app
-from mnist_service.images import png_bytes, user_digit
+from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings
+from mnist_service.tools.images import png_bytes, user_digit
 
 _NOISE_PNG = png_bytes(Image.fromarray(np.random.default_rng(1).integers(0, 256, (100, 100), dtype=np.uint8)))
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from mnist_service.client import MnistClient, ServerNotReady, ServiceClientError, wait_until_ready
-from mnist_service.images import png_bytes, user_digit
+from mnist_service.tools.client import MnistClient, ServerNotReady, ServiceClientError, wait_until_ready
+from mnist_service.tools.images import png_bytes, user_digit
 
 from .conftest import free_port
 

@@ -121,8 +121,8 @@ def test_env_matches_the_settings_and_where_the_model_is_copied() -> None:
     "path",
     [
         "requirements.txt",
-        "mnist_service/api.py",
-        "mnist_service/static",
+        "mnist_service/serving/api.py",
+        "mnist_service/serving/static",
         "model_inference.py",
         "models/mnist_cnn.pt",
         "models/mnist_cnn.json",

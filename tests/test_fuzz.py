@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from mnist_service.api import create_app
+from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings
 
 pytestmark = pytest.mark.slow

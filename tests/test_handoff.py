@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mnist_service.handoff import Dispatcher, Receiver
+from mnist_service.process.handoff import Dispatcher, Receiver
 
 
 @pytest.fixture

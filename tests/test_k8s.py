@@ -363,8 +363,8 @@ def _routed(paths: list[dict[str, Any]], url_path: str) -> bool:
 
 def _app_paths() -> set[str]:
     """Every path the server answers, path parameters filled in."""
-    from mnist_service.api import create_app  # imports torch: only for the test that needs it
-    from mnist_service.routes import web
+    from mnist_service.serving.api import create_app  # imports torch: only for the test that needs it
+    from mnist_service.serving.routes import web
 
     app = create_app(Settings())
     paths = set(app.openapi()["paths"])  # every route in the schema, from every router

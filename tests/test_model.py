@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_service import model as model_lib
-from mnist_service.model import ModelLoadError, Net, count_macs, load_verified, optimize_for_serving
-from mnist_service.train import TrainParams, run
+from mnist_service.inference import model as model_lib
+from mnist_service.inference.model import ModelLoadError, Net, count_macs, load_verified, optimize_for_serving
+from mnist_service.training.train import TrainParams, run
 
 from .conftest import DATA_DIR
 

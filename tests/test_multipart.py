@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mnist_service.errors import BadRequest
-from mnist_service.multipart import boundary_of, parse_parts
+from mnist_service.serving.multipart import boundary_of, parse_parts
 
 
 def _encode(files: list[tuple[str, tuple[str, bytes]]], data: dict[str, str] | None = None) -> tuple[bytes, str]:

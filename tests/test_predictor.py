@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from mnist_service.errors import ModelNotReady, Overloaded
+from mnist_service.inference.predictor import InferenceFailed, Predictor
 from mnist_service.metrics import Metrics
-from mnist_service.predictor import InferenceFailed, Predictor
 
 MEAN, STD = 0.1307, 0.3081
 METADATA = {"version": "fake", "input": {"normalization": {"mean": MEAN, "std": STD}}}

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mnist_service import preprocess
 from mnist_service.errors import InvalidInput, PayloadTooLarge
-from mnist_service.images import png_bytes, user_digit
-from mnist_service.preprocess import image_to_digit, normalize_digit, pixels_to_digit, to_png_base64
+from mnist_service.inference import preprocess
+from mnist_service.inference.preprocess import image_to_digit, normalize_digit, pixels_to_digit, to_png_base64
+from mnist_service.tools.images import png_bytes, user_digit
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,10 @@ from fastapi import FastAPI
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from mnist_service.api import create_app
-from mnist_service.images import png_bytes
-from mnist_service.server import _uvicorn_config
+from mnist_service.process.server import _uvicorn_config
+from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings
+from mnist_service.tools.images import png_bytes
 
 from .conftest import free_port
 
@@ -253,7 +253,7 @@ def _wait_for(condition: Callable[[], bool], message: str, timeout: float = 5.0)
 def test_cancellation_that_is_not_a_hangup_still_propagates() -> None:
     """A shutdown's cancellation must not be swallowed as a 499 (only CLIENT_GONE is)."""
     from mnist_service.metrics import Metrics
-    from mnist_service.middleware import RequestContextMiddleware
+    from mnist_service.serving.middleware import RequestContextMiddleware
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await asyncio.sleep(10)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from mnist_service.api import create_app
+from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def test_keys_are_compared_in_constant_time(keyed: TestClient, monkeypatch: pyte
         calls.append((a, b))
         return compare(a, b)
 
-    monkeypatch.setattr("mnist_service.deps.hmac.compare_digest", spy)
+    monkeypatch.setattr("mnist_service.serving.deps.hmac.compare_digest", spy)
     assert keyed.post("/predict/pixels", json=PIXELS, headers={"X-API-Key": "guess"}).status_code == 401
     assert keyed.post("/predict/pixels", json=PIXELS, headers={"X-API-Key": KEY}).status_code == 200
     assert calls == [(b"guess", KEY.encode()), (KEY.encode(), KEY.encode())]

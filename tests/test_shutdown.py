@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_service.server import worker_pids
+from mnist_service.process.server import worker_pids
 
 from .conftest import ROOT, exit_code_within, running, start_process
 

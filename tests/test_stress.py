@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from starlette.requests import Request
 
-from mnist_service.stress import Payload, PhaseResult, build_payload, run_phase
+from mnist_service.tools.stress import Payload, PhaseResult, build_payload, run_phase
 
 
 def test_summary_percentiles_and_errors() -> None:

@@ -20,9 +20,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from mnist_service.images import png_bytes, test_digit
-from mnist_service.server import worker_pids
-from mnist_service.stress import Connection, build_payload
+from mnist_service.process.server import worker_pids
+from mnist_service.tools.images import png_bytes, test_digit
+from mnist_service.tools.stress import Connection, build_payload
 
 from .conftest import DATA_DIR, exit_code_within, running
 

@@ -17,10 +17,10 @@ import uvicorn
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
-from mnist_service.api import create_app
-from mnist_service.deps import get_predictor
 from mnist_service.errors import Overloaded
-from mnist_service.predictor import InferenceFailed
+from mnist_service.inference.predictor import InferenceFailed
+from mnist_service.serving.api import create_app
+from mnist_service.serving.deps import get_predictor
 from mnist_service.settings import Settings
 
 N_DIGITS = 64  # MAX_BATCH_FILES, the largest batch v2 accepts

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from mnist_service import v2_codec
 from mnist_service.errors import BadRequest
-from mnist_service.v2_schemas import InferenceRequest, RequestInput
+from mnist_service.serving import v2_codec
+from mnist_service.serving.v2_schemas import InferenceRequest, RequestInput
 
 RNG = np.random.default_rng(0)
 

@@ -22,8 +22,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from mnist_service.api import create_app
-from mnist_service.routes.web import STATIC_DIR
+from mnist_service.serving.api import create_app
+from mnist_service.serving.routes.web import STATIC_DIR
 from mnist_service.settings import Settings
 
 CHROMIUM = Path("/usr/bin/chromium")

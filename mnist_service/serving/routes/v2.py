@@ -17,12 +17,12 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from mnist_service import v2_codec
-from mnist_service.deps import PredictorDep, SettingsDep, require_api_key
 from mnist_service.errors import ModelNotReady, NotFound, UnsupportedMediaType
-from mnist_service.predictor import InferenceFailed
-from mnist_service.schemas import ErrorResponse
-from mnist_service.v2_schemas import (
+from mnist_service.inference.predictor import InferenceFailed
+from mnist_service.serving import v2_codec
+from mnist_service.serving.deps import PredictorDep, SettingsDep, require_api_key
+from mnist_service.serving.schemas import ErrorResponse
+from mnist_service.serving.v2_schemas import (
     InferenceRequest,
     InferenceResponse,
     MetadataTensor,

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnist_service.integrity import ModelLoadError, read_verified_metadata, sha256_file
+from mnist_service.inference.integrity import ModelLoadError, read_verified_metadata, sha256_file
 
 logger = logging.getLogger(__name__)
 

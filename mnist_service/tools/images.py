@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mnist_service.data import load_split
+from mnist_service.training.data import load_split
 
 DATA_DIR = Path("data/mnist")
 

@@ -18,11 +18,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 
-from mnist_service.deps import API_KEY_SECURITY, PredictorDep, check_api_key, require_api_key, serving_predictor
 from mnist_service.errors import BadRequest, InvalidInput, UnsupportedMediaType
-from mnist_service.multipart import boundary_of, parse_parts
-from mnist_service.preprocess import image_to_digit, pixels_to_digit, to_png_base64
-from mnist_service.schemas import ERROR_RESPONSES, PixelsRequest, Prediction
+from mnist_service.inference.preprocess import image_to_digit, pixels_to_digit, to_png_base64
+from mnist_service.serving.deps import API_KEY_SECURITY, PredictorDep, check_api_key, require_api_key, serving_predictor
+from mnist_service.serving.multipart import boundary_of, parse_parts
+from mnist_service.serving.schemas import ERROR_RESPONSES, PixelsRequest, Prediction
 from mnist_service.settings import Settings
 
 router = APIRouter(tags=["predict"], responses=ERROR_RESPONSES)

@@ -1,4 +1,4 @@
-"""The FastAPI app factory: `uvicorn mnist_service.api:create_app --factory`."""
+"""The FastAPI app factory: `uvicorn mnist_service.serving.api:create_app --factory`."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from mnist_service import model as model_lib
 from mnist_service.errors import error_body
-from mnist_service.images import noise_image, png_bytes
+from mnist_service.inference import model as model_lib
+from mnist_service.inference.predictor import InferenceFailed, Predictor
+from mnist_service.inference.preprocess import image_to_digit
 from mnist_service.metrics import Metrics
-from mnist_service.middleware import RequestContextMiddleware
-from mnist_service.predictor import InferenceFailed, Predictor
-from mnist_service.preprocess import image_to_digit
-from mnist_service.routes import health, predict, v2, web
+from mnist_service.serving.middleware import RequestContextMiddleware
+from mnist_service.serving.routes import health, predict, v2, web
 from mnist_service.settings import Settings
+from mnist_service.tools.images import noise_image, png_bytes
 
 logger = logging.getLogger(__name__)
 

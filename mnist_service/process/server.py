@@ -29,10 +29,10 @@ from typing import Any
 
 import uvicorn
 
-from mnist_service.handoff import Dispatcher, Receiver, WorkerLink
-from mnist_service.integrity import ModelLoadError, read_verified_metadata
+from mnist_service.inference.integrity import ModelLoadError, read_verified_metadata
 from mnist_service.logconfig import configure_logging
-from mnist_service.protocol import guarded_protocol
+from mnist_service.process.handoff import Dispatcher, Receiver, WorkerLink
+from mnist_service.process.protocol import guarded_protocol
 from mnist_service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def _uvicorn_config(
     settings: Settings, app: Any = None, on_header_timeout: Callable[[], None] = lambda: None
 ) -> uvicorn.Config:
     return uvicorn.Config(
-        app or "mnist_service.api:create_app",
+        app or "mnist_service.serving.api:create_app",
         host=settings.host,
         port=settings.port,
         http=guarded_protocol(settings.header_timeout_s, on_header_timeout),
@@ -193,7 +193,7 @@ def _uvicorn_config(
 
 def _run_worker(settings: Settings, stops: StopRequests | None = None, link: WorkerLink | None = None) -> int:
     # Imported here: only workers need torch, and the supervisor stays a few MB.
-    from mnist_service.api import create_app
+    from mnist_service.serving.api import create_app
 
     app = create_app(settings)
     receiver = Receiver(link) if link is not None else None

@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from mnist_service.errors import BadRequest
-from mnist_service.v2_schemas import InferenceRequest, InferenceResponse, RequestInput, ResponseOutput
+from mnist_service.serving.v2_schemas import InferenceRequest, InferenceResponse, RequestInput, ResponseOutput
 
 PIXELS = 28 * 28
 ACCEPTED_SHAPES = "[N, 1, 28, 28], [N, 28, 28] or [N, 784]"

@@ -1,6 +1,6 @@
 """The web page at GET /: draw or drop a digit and see what the model thinks.
 
-The page and its assets ship inside the package (mnist_service/static/), so the Docker image and
+The page and its assets ship inside the package (mnist_service/serving/static/), so the Docker image and
 an installed wheel serve them without a build step or a CDN. They stay out of the OpenAPI schema:
 /docs documents the API, and the page is not part of it.
 """

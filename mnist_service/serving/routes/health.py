@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mnist_service.deps import MetricsDep, PredictorDep
-from mnist_service.schemas import ERROR_RESPONSES, Health, ModelInfo, Readiness
+from mnist_service.serving.deps import MetricsDep, PredictorDep
+from mnist_service.serving.schemas import ERROR_RESPONSES, Health, ModelInfo, Readiness
 
 router = APIRouter(tags=["operations"])
 

@@ -17,8 +17,8 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fastapi.security.utils import get_authorization_scheme_param
 
 from mnist_service.errors import ModelNotReady, Unauthorized
+from mnist_service.inference.predictor import Predictor
 from mnist_service.metrics import Metrics
-from mnist_service.predictor import Predictor
 from mnist_service.settings import Settings
 
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_service import model as model_lib
-from mnist_service.data import load_split
+from mnist_service.inference import model as model_lib
+from mnist_service.training.data import load_split
 
 logger = logging.getLogger(__name__)
 

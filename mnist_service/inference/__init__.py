@@ -1,0 +1,1 @@
+"""Inference: the network and its file format, integrity checks, preprocessing and the batching predictor."""

@@ -1,0 +1,1 @@
+"""Client-side tools: the Python client, the stress tester's engine, test-image writers."""

@@ -1,0 +1,1 @@
+"""Training: the MNIST files (IDX reader) and the trainer that exports a model file."""
