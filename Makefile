@@ -2,8 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The model repository `make run` serves; each `make train` publishes a new version into it.
+MODEL_REPO ?= models
+MODEL_NAME ?= mnist
+REPO_CONFIG := $(MODEL_REPO)/$(MODEL_NAME)/config.json
+# One flat model file, for the benchmarks.
 MODEL ?= models/mnist_cnn.pt
 IMAGE ?= mnist-service:1.0.0
+# The Dockerfile's trainer target (the Job in k8s/overlays/repository): IMAGE's tag.
+TRAINER_IMAGE ?= mnist-trainer:$(lastword $(subst :, ,$(IMAGE)))
 
 .PHONY: run test train lint bench bench-quick image image-test clean
 
@@ -26,23 +33,32 @@ $(TOOLS_VENV)/.installed: scripts/install_tools.sh
 $(MODEL): | $(VENV)/.runtime
 	$(PY) model_train.py --output $(dir $(MODEL))
 
-train: $(VENV)/.runtime
-	$(PY) model_train.py --output $(dir $(MODEL))
+# The first version published into a model becomes stable, which writes config.json: train once.
+$(REPO_CONFIG): | $(VENV)/.runtime
+	$(PY) model_train.py --repository $(MODEL_REPO) --model-name $(MODEL_NAME)
 
-run: $(VENV)/.runtime $(MODEL)
-	$(PY) model_inference.py --model $(MODEL)
+train: $(VENV)/.runtime
+	$(PY) model_train.py --repository $(MODEL_REPO) --model-name $(MODEL_NAME)
+
+run: $(VENV)/.runtime $(REPO_CONFIG)
+	MODEL_REPOSITORY=$(MODEL_REPO) MODEL_NAME=$(MODEL_NAME) $(PY) model_inference.py
 
 test: $(VENV)/.dev $(TOOLS_VENV)/.installed
 	$(PY) -m pytest
 
 CONTAINER ?= docker
 
-image: $(MODEL)
+# The Dockerfile bakes in models/mnist/ (the default MODEL_REPO and MODEL_NAME): it needs a published version.
+# Two images from it: the server, and the trainer that publishes versions into a mounted repository.
+image: $(REPO_CONFIG)
 	$(CONTAINER) build -t $(IMAGE) .
+	$(CONTAINER) build --target trainer -t $(TRAINER_IMAGE) .
 
-# Builds with podman and runs the image for real (read-only, SIGTERM stop); what CI runs.
-image-test: $(VENV)/.runtime $(MODEL)
-	IMAGE=$(IMAGE) scripts/container_smoke.sh
+# Builds both with podman and runs them for real (read-only; a mounted repository picking up a version
+# the trainer image publishes into it; a mounted MODEL_PATH file made from the repository; SIGTERM stop).
+# What CI runs.
+image-test: $(VENV)/.runtime $(REPO_CONFIG)
+	IMAGE=$(IMAGE) TRAINER_IMAGE=$(TRAINER_IMAGE) scripts/container_smoke.sh
 
 # Side-by-side benchmark on loopback: ours vs a plain FastAPI baseline vs LitServe (own venv).
 bench: $(VENV)/.runtime $(MODEL)

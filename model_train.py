@@ -1,42 +1,73 @@
-"""Train the MNIST CNN and export TorchScript plus metadata: `python model_train.py --help`."""
+"""Train the MNIST CNN and publish it as the next version in the model repository.
+
+By default each run adds models/<model-name>/<N>/ (model.pt + model.json). Servers load it as the
+version policy says, but requests that name no version stay with stable, which moves only with
+--promote, except that the first version of a model with no stable version becomes stable (so a
+fresh `make run` has something to serve). Promote, canary and roll back later with
+`python model_repository.py`. --output instead writes one flat file, OUTPUT/mnist_cnn.pt + .json.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from mnist_service.logconfig import configure_logging
-from mnist_service.training.train import TrainParams, run
+from mnist_service.registry.repository import RepositoryError
+from mnist_service.settings import Settings
+from mnist_service.training.train import TrainParams, publish, run
 
 
-def main() -> None:
-    defaults = TrainParams()
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    defaults, settings = TrainParams(), Settings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=defaults.data_dir, help="folder with the IDX(.gz) files")
-    parser.add_argument("--output", type=Path, default=defaults.output, help="where mnist_cnn.pt/.json go")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--repository",
+        type=Path,
+        default=settings.model_repository,
+        help="model repository to publish into (env MODEL_REPOSITORY, default models/)",
+    )
+    where.add_argument("--output", type=Path, help="write OUTPUT/mnist_cnn.pt + .json instead of publishing")
+    parser.add_argument("--model-name", default=settings.model_name, help="model folder (env MODEL_NAME)")
+    parser.add_argument(
+        "--promote",
+        action="store_true",
+        help="make the new version stable (without it, only a model's first version becomes stable)",
+    )
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of the one-cycle schedule")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads for training")
     parser.add_argument("--max-train", type=int, default=None, help="train on the first N images only (quick runs)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.output and args.promote:
+        parser.error("--promote moves a repository's stable label: it has no meaning with --output")
     configure_logging()
-    metadata = run(
-        TrainParams(
-            data_dir=args.data_dir,
-            output=args.output,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            threads=args.threads,
-            max_train=args.max_train,
-        )
+    params = TrainParams(
+        data_dir=args.data_dir,
+        output=args.output or defaults.output,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        threads=args.threads,
+        max_train=args.max_train,
     )
+    if args.output:
+        metadata, destination = run(params), str(args.output)
+    else:
+        try:
+            published = publish(params, args.repository, args.model_name, promote=args.promote)
+        except RepositoryError as exc:
+            sys.exit(f"error: {exc}")
+        metadata, destination = published.metadata, published.summary()
     print(
         f"test_accuracy={metadata['test_accuracy']:.4f} train_seconds={metadata['training']['train_seconds']} "
-        f"macs={metadata['macs']} version={metadata['version'][:12]} -> {args.output}"
+        f"macs={metadata['macs']} version={metadata['version'][:12]} -> {destination}"
     )
 
 

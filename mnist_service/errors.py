@@ -61,6 +61,10 @@ class Unauthorized(ServiceError):
     code = 401
 
 
+class Forbidden(ServiceError):
+    code = 403
+
+
 class NotFound(ServiceError):
     code = 404
 

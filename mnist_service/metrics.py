@@ -21,11 +21,12 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "mnist_requests", "HTTP requests by endpoint and status.", ["endpoint", "method", "status"], registry=r
+            "mnist_requests", "HTTP requests by endpoint, status and the model version that answered ('' for none).",
+            ["endpoint", "method", "status", "version"], registry=r,
         )
         self.request_latency = Histogram(
-            "mnist_request_latency_seconds", "Time from request to response.", ["endpoint"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "mnist_request_latency_seconds", "Time from request to response, by model version.",
+            ["endpoint", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.inference_time = Histogram(
             "mnist_inference_seconds", "Forward pass time per batch.", buckets=_FAST_BUCKETS, registry=r
@@ -42,10 +43,26 @@ class Metrics:
         self.rejected = Counter(
             "mnist_rejected", "Requests refused for overload, by reason.", ["reason"], registry=r
         )
-        self.predictions = Counter("mnist_predictions", "Predicted digits.", ["digit"], registry=r)
+        self.predictions = Counter(
+            "mnist_predictions", "Predicted digits, by model version.", ["digit", "version"], registry=r
+        )
         self.confidence = Histogram(
-            "mnist_prediction_confidence", "Top-class probability; a shift is a drift signal.",
-            buckets=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0), registry=r,
+            "mnist_prediction_confidence", "Top-class probability, by model version; a shift is a drift signal.",
+            ["version"], buckets=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0), registry=r,
+        )
+        self.shadow = Counter(
+            "mnist_shadow_comparisons",
+            "Requests answered by stable that the canary also ran: outcome agree or disagree (same digit or "
+            "not), skipped (the server was busy, or SHADOW_SAMPLE), failed.",
+            ["stable", "canary", "outcome"], registry=r,
+        )
+        self.shadow_confidence = Histogram(
+            "mnist_shadow_confidence", "The canary's top-class probability on shadowed requests.",
+            ["canary"], buckets=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0), registry=r,
+        )
+        self.version_loads = Counter(
+            "mnist_model_version_loads", "Model versions loaded by a worker, by outcome (ready or failed).",
+            ["version", "outcome"], registry=r,
         )
         self.header_timeouts = Counter(
             "mnist_header_timeouts",
@@ -54,8 +71,8 @@ class Metrics:
         )
         # A gauge fixed at 1, not an Info: multiprocess mode cannot aggregate Info metrics.
         self.model_info = Gauge(
-            "mnist_model_info", "The model being served.", ["version", "test_accuracy"],
-            multiprocess_mode="max", registry=r,
+            "mnist_model_info", "1 for each model version loaded and ready (0 once unloaded), with its labels.",
+            ["version", "sha256", "test_accuracy", "label"], multiprocess_mode="max", registry=r,
         )
 
     def render(self) -> bytes:

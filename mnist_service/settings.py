@@ -14,11 +14,30 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
-    model_path: Path = Field(Path("models/mnist_cnn.pt"), description="TorchScript file to serve.")
-    metadata_path: Path | None = Field(
-        None, description="Metadata JSON; defaults to the model path with a .json suffix."
+    model_repository: Path = Field(
+        Path("models"),
+        description="The model repository: MODEL_NAME/<version>/model.pt + model.json, and MODEL_NAME/config.json "
+        "for the version policy and labels. Ignored when MODEL_PATH is set.",
     )
-    model_name: str = Field("mnist", description="Model name in the v2 protocol.")
+    model_path: Path | None = Field(
+        None, description="Serve this one TorchScript file instead of a repository: a repository of one version, 1."
+    )
+    metadata_path: Path | None = Field(
+        None, description="With MODEL_PATH: its metadata JSON; defaults to the model path with a .json suffix."
+    )
+    model_name: str = Field(
+        "mnist", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Model name: its folder in the repository and in v2."
+    )
+    repository_poll_s: float = Field(
+        2.0, gt=0, description="How often each worker reads the repository for new versions and label changes."
+    )
+    shadow_sample: float = Field(
+        1.0, ge=0, le=1, description="Share of the requests answered by stable that the canary also runs, off the "
+        "answer's path, to measure agreement; skipped first when the server is busy.",
+    )
+    admin_api_key: SecretStr | None = Field(
+        None, description="When set, the v2 model repository API (index, load, unload) is on and needs this key."
+    )
     host: str = "0.0.0.0"  # noqa: S104  # nosec B104 - a container must listen on all interfaces
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
@@ -88,6 +107,9 @@ class Settings(BaseSettings):
     prometheus_multiproc_dir: Path | None = Field(
         None, description="Set by the server itself when it runs several workers: where their metrics meet."
     )
+    runtime_dir: Path | None = Field(
+        None, description="Set by the server itself: a folder its workers share (the repository API's unload)."
+    )
 
     api_key: SecretStr | None = Field(
         None, description="When set, prediction endpoints need Bearer or X-API-Key."
@@ -98,4 +120,6 @@ class Settings(BaseSettings):
 
     @property
     def resolved_metadata_path(self) -> Path:
+        if self.model_path is None:
+            raise ValueError("resolved_metadata_path needs MODEL_PATH")
         return self.metadata_path or self.model_path.with_suffix(".json")

@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
-# Build the container image and prove it serves, the way a cluster runs it:
+# Build the serving image and the trainer image and prove they work the way a cluster runs them:
 # read-only root filesystem, non-root, all capabilities dropped. Checks readiness time, a real
-# digit prediction, a mounted model, the HEALTHCHECK, and a graceful SIGTERM stop (exit 0,
-# in-flight requests answered). Exits non-zero with a FAIL line on the first broken step.
+# digit prediction from the baked-in model repository, the HEALTHCHECK, a mounted repository
+# (MODEL_REPOSITORY), a version published into that mounted repository by the trainer image while
+# the server runs and served by every worker without a restart (the Kubernetes volume of
+# k8s/overlays/repository in miniature), a single mounted model file (MODEL_PATH), and a graceful
+# SIGTERM stop (exit 0, in-flight requests answered). Exits non-zero with a FAIL line on the first
+# broken step.
 #
-#   scripts/container_smoke.sh                   # IMAGE=mnist-service:local
+#   scripts/container_smoke.sh                   # IMAGE=mnist-service:local, TRAINER_IMAGE=mnist-trainer:local
 #   IMAGE=mnist-service:1.0.0 scripts/container_smoke.sh
 #
-# Knobs (env): IMAGE, BASE_IMAGE (default: a Debian base built locally by container_base.sh;
-# set python:3.11-slim-bookworm where a registry is reachable), PIP_EXTRA_ARGS (default: this
-# machine's pip find-links folder if it has one, else the Dockerfile's PyTorch CPU index),
-# PODMAN_RUNTIME (default /usr/sbin/runc; empty for podman's own), SMOKE_PORT, READY_TIMEOUT,
-# TRAIN_ARGS (used only when models/mnist_cnn.pt is missing).
+# Knobs (env): IMAGE, TRAINER_IMAGE (default mnist-trainer:<IMAGE's tag>), BASE_IMAGE (default: a
+# Debian base built locally by container_base.sh; set python:3.11-slim-bookworm where a registry is
+# reachable), PIP_EXTRA_ARGS (default: this machine's pip find-links folder if it has one, else the
+# Dockerfile's PyTorch CPU index), PODMAN_RUNTIME (default /usr/sbin/runc; empty for podman's own),
+# SMOKE_PORT, READY_TIMEOUT, PICKUP_TIMEOUT (publish to served by every worker), TRAIN_ARGS (used
+# only when models/mnist/config.json is missing), PUBLISH_ARGS (the quick training run published
+# into the mounted repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGE=${IMAGE:-mnist-service:local}
+TRAINER_IMAGE=${TRAINER_IMAGE:-mnist-trainer:${IMAGE##*:}}
 BASE_IMAGE=${BASE_IMAGE:-localhost/debian-python:3.11-bookworm}
 PODMAN_RUNTIME=${PODMAN_RUNTIME-/usr/sbin/runc}
 READY_TIMEOUT=${READY_TIMEOUT:-120}
+PICKUP_TIMEOUT=${PICKUP_TIMEOUT:-60}
+PUBLISH_ARGS=${PUBLISH_ARGS:---epochs 1 --max-train 1000}
 STOP_TIMEOUT=15
-MODEL=models/mnist_cnn.pt
+# The repository the image bakes in (the Dockerfile copies models/mnist/).
+REPOSITORY=models
+MODEL_NAME=mnist
 PY=.venv/bin/python
 NAME=mnist-smoke-$$
 TMP=$(mktemp -d /tmp/container-smoke.XXXXXX)
@@ -34,7 +45,7 @@ fail() {
 cleanup() {
     jobs -p | xargs -r kill 2>/dev/null || true
     # One name per call: podman 4.3's `rm -f` skips every name in the list if one is missing.
-    for name in "$NAME" "$NAME-mounted"; do
+    for name in "$NAME" "$NAME-repo" "$NAME-train" "$NAME-file"; do
         podman "${RUNTIME_ARGS[@]}" rm -f -t 0 "$name" >/dev/null 2>&1 || true
     done
     rm -rf "$TMP"
@@ -60,15 +71,16 @@ pm() { podman "${RUNTIME_ARGS[@]}" "$@"; }
 command -v curl >/dev/null || fail "curl is needed"
 [[ -x "$PY" ]] || fail "$PY not found: create the venv first (make test or make run does)"
 
-# --- base image and model -------------------------------------------------------------------
+# --- base image and model repository --------------------------------------------------------
 if [[ "$BASE_IMAGE" == localhost/* ]] && ! pm image exists "$BASE_IMAGE"; then
     BASE_IMAGE="$BASE_IMAGE" PODMAN_RUNTIME="$PODMAN_RUNTIME" scripts/container_base.sh \
         || fail "could not build the base image $BASE_IMAGE"
 fi
-if [[ ! -f "$MODEL" ]]; then
-    log "no $MODEL: training one (${TRAIN_ARGS:-default arguments})"
+if [[ ! -f "$REPOSITORY/$MODEL_NAME/config.json" ]]; then
+    log "no $REPOSITORY/$MODEL_NAME/config.json: publishing a first version (${TRAIN_ARGS:-default arguments})"
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
-    "$PY" model_train.py --output models/ ${TRAIN_ARGS:-} || fail "training failed"
+    "$PY" model_train.py --repository "$REPOSITORY" --model-name "$MODEL_NAME" ${TRAIN_ARGS:-} \
+        || fail "training failed"
 fi
 
 # --- build ----------------------------------------------------------------------------------
@@ -85,14 +97,19 @@ if [[ -z "${PIP_EXTRA_ARGS:-}" ]]; then
     fi
 fi
 [[ -n "${PIP_EXTRA_ARGS:-}" ]] && build_args+=(--build-arg "PIP_EXTRA_ARGS=$PIP_EXTRA_ARGS")
-log "building $IMAGE from $BASE_IMAGE"
+log "building $IMAGE and $TRAINER_IMAGE (--target trainer) from $BASE_IMAGE"
 build_start=$(date +%s)
-# --format docker keeps HEALTHCHECK (the OCI image format has no field for it).
+# --format docker keeps HEALTHCHECK (the OCI image format has no field for it). The trainer build
+# reuses the serving build's cached venv and package layers.
 pm build --format docker --network=host "${volumes[@]}" "${build_args[@]}" -t "$IMAGE" . >"$TMP/build.log" 2>&1 \
     || { tail -40 "$TMP/build.log"; fail "podman build failed"; }
+pm build --format docker --network=host "${volumes[@]}" "${build_args[@]}" --target trainer \
+    -t "$TRAINER_IMAGE" . >"$TMP/build-trainer.log" 2>&1 \
+    || { tail -40 "$TMP/build-trainer.log"; fail "podman build --target trainer failed"; }
 log "built in $(($(date +%s) - build_start)) s"
-size_bytes=$(pm image inspect --format '{{.Size}}' "$IMAGE")
-size_mb=$((size_bytes / 1000000))
+size_mb=$(($(pm image inspect --format '{{.Size}}' "$IMAGE") / 1000000))
+trainer_mb=$(($(pm image inspect --format '{{.Size}}' "$TRAINER_IMAGE") / 1000000))
+log "sizes: $IMAGE ${size_mb} MB, $TRAINER_IMAGE ${trainer_mb} MB (sharing the venv and package layers)"
 
 # --- the test digit: MNIST test image 0, black on white, enlarged and off-centre --------------
 "$PY" - "$TMP" <<'PYEOF' || fail "could not make the test images"
@@ -141,13 +158,27 @@ predict() {
     "$PY" -c 'import json, sys; print(json.loads(sys.argv[1])["prediction"])' "$answer"
 }
 
+# Prints one field of GET /model: "default" (the version answering unpinned requests) or "ready"
+# (the READY versions of the worker that answered, space-separated).
+model_field() {
+    local port=$1 field=$2 answer
+    answer=$(curl -fsS "http://127.0.0.1:$port/model") || fail "GET /model failed"
+    "$PY" -c 'import json, sys
+d = json.loads(sys.argv[1])
+print(d["model_version"] if sys.argv[2] == "default" else " ".join(v["version"] for v in d["versions"] if v["state"] == "READY"))' \
+        "$answer" "$field"
+}
+
+# Numbered version folders in a repository's model folder, in order, space-separated.
+versions_on_disk() { find "$1" -mindepth 1 -maxdepth 1 -type d -regex '.*/[1-9][0-9]*' -printf '%f\n' | sort -n | xargs; }
+
 # How Kubernetes (and the README) run it: nothing writable but /tmp, no capabilities, not root.
 # --read-only-tmpfs=false: podman would otherwise add writable /run and /var/tmp, which Docker
 # and Kubernetes don't.
 RUN_FLAGS=(--network=host --read-only --read-only-tmpfs=false --tmpfs /tmp
     --cap-drop=ALL --security-opt=no-new-privileges)
 
-# --- run the baked-in model -----------------------------------------------------------------
+# --- run the baked-in model repository ------------------------------------------------------
 PORT=${SMOKE_PORT:-$(free_port)}
 log "running $IMAGE read-only on 127.0.0.1:$PORT"
 run_start=$(date +%s.%N)
@@ -161,20 +192,89 @@ uid=$(pm exec "$NAME" id -u)
 pm healthcheck run "$NAME" >/dev/null || fail "the image's HEALTHCHECK failed"
 got=$(predict "$PORT" "$TMP/digit.png")
 [[ "$got" == "$EXPECTED" ]] || fail "predicted $got for a $EXPECTED"
-log "uid $uid, HEALTHCHECK healthy, POST /predict of a drawn $EXPECTED -> $got"
+[[ $(pm logs "$NAME" 2>&1) == *"from /app/models/$MODEL_NAME"* ]] \
+    || fail "the server didn't log serving the baked-in repository /app/models/$MODEL_NAME"
+baked_default=$(model_field "$PORT" default)
+log "uid $uid, HEALTHCHECK healthy, baked-in repository /app/models (versions $(model_field "$PORT" ready)," \
+    "default $baked_default), POST /predict of a drawn $EXPECTED -> $got"
 
-# --- a mounted model overrides the baked one --------------------------------------------------
+# --- a mounted repository, and a version published into it while the server runs --------------
+# A copy of the host's repository, so the published version lands in $TMP. World-writable because
+# the trainer runs as uid 10001 (Kubernetes' fsGroup does this for the volume); the server's
+# mount is read-only.
+mkdir "$TMP/repo"
+cp -r "$REPOSITORY/$MODEL_NAME" "$TMP/repo/"
+find "$TMP/repo/$MODEL_NAME" -mindepth 1 -maxdepth 1 -name '.*' -exec rm -rf {} +  # a publish in progress
+chmod -R a+rwX "$TMP/repo"
 PORT2=$(free_port)
-pm run -d --name "$NAME-mounted" "${RUN_FLAGS[@]}" -e "PORT=$PORT2" \
-    -v "$PWD/models:/models:ro" -e MODEL_PATH=/models/mnist_cnn.pt "$IMAGE" >/dev/null \
-    || fail "podman run with a mounted model failed"
-wait_ready "$NAME-mounted" "$PORT2"
+pm run -d --name "$NAME-repo" "${RUN_FLAGS[@]}" -e "PORT=$PORT2" \
+    -v "$TMP/repo:/models:ro" -e MODEL_REPOSITORY=/models "$IMAGE" >/dev/null \
+    || fail "podman run with a mounted repository failed"
+wait_ready "$NAME-repo" "$PORT2"
 got=$(predict "$PORT2" "$TMP/digit.png")
-[[ "$got" == "$EXPECTED" ]] || fail "mounted model: predicted $got for a $EXPECTED"
-mounted_logs=$(pm logs "$NAME-mounted" 2>&1)
-[[ "$mounted_logs" == *"/models/mnist_cnn.pt"* ]] || fail "the server didn't log loading /models/mnist_cnn.pt"
-pm rm -f -t 0 "$NAME-mounted" >/dev/null
-log "mounted model (-v ./models:/models, MODEL_PATH=/models/mnist_cnn.pt): predicted $got"
+[[ "$got" == "$EXPECTED" ]] || fail "mounted repository: predicted $got for a $EXPECTED"
+[[ $(pm logs "$NAME-repo" 2>&1) == *"from /models/$MODEL_NAME"* ]] \
+    || fail "the server didn't log serving the mounted repository /models/$MODEL_NAME"
+stable=$(model_field "$PORT2" default)
+before=$(model_field "$PORT2" ready)
+started=$(pm inspect --format '{{.State.StartedAt}}' "$NAME-repo")
+log "mounted repository (-v repo:/models:ro, MODEL_REPOSITORY=/models): versions $before, default $stable," \
+    "predicted $got"
+
+# The trainer image, run like the Kubernetes Job: read-only root, uid 10001, the repository read-write.
+on_disk=$(versions_on_disk "$TMP/repo/$MODEL_NAME")
+publish_start=$(date +%s.%N)
+# shellcheck disable=SC2086  # PUBLISH_ARGS is a list of flags
+pm run --name "$NAME-train" "${RUN_FLAGS[@]}" -v "$TMP/repo:/models" "$TRAINER_IMAGE" \
+    python model_train.py --repository /models --model-name "$MODEL_NAME" $PUBLISH_ARGS >"$TMP/train.log" 2>&1 \
+    || { tail -20 "$TMP/train.log" >&2; fail "the trainer image failed to publish into the mounted repository"; }
+pm rm -f -t 0 "$NAME-train" >/dev/null
+new=$(versions_on_disk "$TMP/repo/$MODEL_NAME" | awk '{ print $NF }')
+[[ " $on_disk " != *" $new "* ]] || fail "the trainer published no new version (on disk: $on_disk)"
+published_s=$(awk -v a="$publish_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+log "trainer image published version $new into the mounted repository in ${published_s} s: $(tail -1 "$TMP/train.log")"
+
+# Served once every worker has it: several pinned requests in a row, each on a new connection, so
+# that each worker answers some. No restart: the same container, started once.
+pickup_start=$(date +%s.%N) deadline=$((SECONDS + PICKUP_TIMEOUT)) streak=0
+while ((streak < 8)); do
+    answer=$(curl -s -F "file=@$TMP/digit.png" "http://127.0.0.1:$PORT2/predict?version=$new" || true)
+    answered_by=$("$PY" -c 'import json, sys; print(json.loads(sys.argv[1]).get("model_version"))' "$answer" \
+        2>/dev/null || true)
+    if [[ "$answered_by" == "$new" ]]; then
+        streak=$((streak + 1))
+    else
+        streak=0
+        ((SECONDS < deadline)) || { pm logs "$NAME-repo" 2>&1 | tail -20 >&2; fail "version $new not served by every worker within ${PICKUP_TIMEOUT}s: $answer"; }
+        sleep 0.2
+    fi
+done
+pickup_s=$(awk -v a="$pickup_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+listed=$(model_field "$PORT2" ready)
+[[ " $listed " == *" $new "* ]] || fail "GET /model doesn't list version $new as READY: $listed"
+[[ $(pm inspect --format '{{.State.StartedAt}}' "$NAME-repo") == "$started" ]] \
+    || fail "the container restarted while picking up version $new"
+[[ $(model_field "$PORT2" default) == "$stable" ]] || fail "publishing moved the default away from $stable"
+pm rm -f -t 0 "$NAME-repo" >/dev/null
+log "version $new served by every worker ${pickup_s} s after the trainer exited, without a restart: /model lists" \
+    "$listed, default still $stable"
+
+# --- a single mounted model file (MODEL_PATH) --------------------------------------------------
+mkdir "$TMP/file"
+cp "$TMP/repo/$MODEL_NAME/$stable/model.pt" "$TMP/file/mnist_cnn.pt"
+cp "$TMP/repo/$MODEL_NAME/$stable/model.json" "$TMP/file/mnist_cnn.json"
+chmod -R a+rX "$TMP/file"
+PORT3=$(free_port)
+pm run -d --name "$NAME-file" "${RUN_FLAGS[@]}" -e "PORT=$PORT3" \
+    -v "$TMP/file:/models:ro" -e MODEL_PATH=/models/mnist_cnn.pt "$IMAGE" >/dev/null \
+    || fail "podman run with a mounted model file failed"
+wait_ready "$NAME-file" "$PORT3"
+got=$(predict "$PORT3" "$TMP/digit.png")
+[[ "$got" == "$EXPECTED" ]] || fail "mounted model file: predicted $got for a $EXPECTED"
+[[ $(pm logs "$NAME-file" 2>&1) == *"from /models/mnist_cnn.pt"* ]] \
+    || fail "the server didn't log serving /models/mnist_cnn.pt"
+pm rm -f -t 0 "$NAME-file" >/dev/null
+log "mounted model file (-v file:/models:ro, MODEL_PATH=/models/mnist_cnn.pt): predicted $got"
 
 # --- graceful stop: SIGTERM with a request in flight ------------------------------------------
 # A 400 kB upload at 45 kB/s takes ~9 s: it is in flight when SIGTERM arrives (t=1 s), through
@@ -206,4 +306,4 @@ when=$(pm logs "$NAME" 2>&1 | awk '/closing listeners/ { closed = 1 } /path=\/pr
     END { print (last ? "after the listener closed" : "during the drain") }')
 log "in-flight request answered 200 ($got) $when; stopped on SIGTERM in ${stop_s} s, exit code 0"
 
-echo "[smoke] PASS image=$IMAGE size=${size_mb}MB ready=${ready_s}s stop=${stop_s}s exit=0"
+echo "[smoke] PASS image=$IMAGE size=${size_mb}MB trainer=${trainer_mb}MB ready=${ready_s}s pickup=${pickup_s}s stop=${stop_s}s exit=0"

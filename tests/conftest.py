@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from mnist_service.registry.repository import METADATA_FILE, MODEL_FILE, Repository
 from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings
 from mnist_service.tools.client import ServerNotReady, wait_until_ready
@@ -48,6 +54,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, weaker model (one short epoch, another seed): it disagrees with the first now and then."""
+    out = tmp_path_factory.mktemp("other-model")
+    run(TrainParams(data_dir=DATA_DIR, output=out, epochs=1, max_train=600, seed=7))
+    return out
+
+
+@pytest.fixture(scope="session")
 def model_path(model_dir: Path) -> Path:
     return model_dir / "mnist_cnn.pt"
 
@@ -57,6 +71,18 @@ def test_digits() -> tuple[np.ndarray, np.ndarray]:
     """The official test set: (images uint8 N x 28 x 28, labels)."""
     split = load_split(DATA_DIR, "test")
     return split.images, split.labels
+
+
+def add_version(repo: Repository, number: int, source: Path, damage: Callable[[Path], None] | None = None) -> None:
+    """Put a model file pair from `source` into `repo` as version `number`, built in a hidden folder and
+    renamed into place, as publishing does."""
+    staging = repo.folder / f".staging-{number}"
+    staging.mkdir(parents=True)
+    shutil.copy(source / "mnist_cnn.pt", staging / MODEL_FILE)
+    shutil.copy(source / "mnist_cnn.json", staging / METADATA_FILE)
+    if damage is not None:
+        damage(staging / MODEL_FILE)
+    os.rename(staging, repo.folder / str(number))
 
 
 @pytest.fixture
@@ -69,6 +95,28 @@ def client(settings: Settings) -> Iterator[TestClient]:
     """A client of a fully started app (lifespan run: model loaded, verified and warmed)."""
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+@contextlib.contextmanager
+def served_in_thread(settings: Settings) -> Iterator[tuple[FastAPI, str]]:
+    """The app on a real socket (uvicorn with the production protocol class), in a thread of the
+    test process, so a test can reach into the app while real HTTP clients talk to it."""
+    from mnist_service.process.server import _uvicorn_config
+
+    settings = settings.model_copy(update={"workers": 1, "host": "127.0.0.1", "port": free_port()})
+    app = create_app(settings)
+    server = uvicorn.Server(_uvicorn_config(settings, app, app.state.metrics.header_timeouts.inc))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield app, f"http://127.0.0.1:{settings.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
 
 
 # Real server processes: `python model_inference.py` on a free port, as a user starts it.
@@ -93,8 +141,10 @@ def start_process(model_path: Path, tmp_path: Path, **env: str) -> Server:
     """Start the server without waiting for it (a test of a failing startup watches it fail)."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
+    # With MODEL_REPOSITORY in env the server serves that repository; otherwise the one model file.
+    model = [] if "MODEL_REPOSITORY" in env else ["--model", str(model_path)]
     proc = subprocess.Popen(
-        [sys.executable, "model_inference.py", "--model", str(model_path), "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "model_inference.py", *model, "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,

@@ -35,10 +35,14 @@ def test_probes_and_model_info(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    version = client.app.state.predictor.version
-    assert ready.json() == {"status": "ready", "model_version": version}
+    assert ready.json() == {"status": "ready", "model_version": "1"}  # MODEL_PATH: a repository of one version
     info = client.get("/model").json()
-    assert info["version"] == version and 0 < info["test_accuracy"] <= 1
+    sha256 = client.app.state.registry.default.predictor.sha256
+    assert info["version"] == sha256 and 0 < info["test_accuracy"] <= 1
+    assert info["model_version"] == "1" and info["labels"] == {"stable": 1}
+    assert [(v["version"], v["state"], v["labels"], v["sha256"]) for v in info["versions"]] == [
+        ("1", "READY", ["stable"], sha256)
+    ]
 
 
 def test_predict_reads_user_images_correctly(client: TestClient, digit_pngs: list[tuple[bytes, int]]) -> None:
@@ -49,7 +53,8 @@ def test_predict_reads_user_images_correctly(client: TestClient, digit_pngs: lis
         assert a["label"] == str(a["prediction"])
         assert len(a["probabilities"]) == 10 and sum(a["probabilities"]) == pytest.approx(1, abs=1e-4)
         assert a["confidence"] == max(a["probabilities"])
-        assert a["model_version"] == client.app.state.predictor.version
+        assert a["model_version"] == "1"
+        assert a["model_sha256"] == client.app.state.registry.default.predictor.sha256
         assert a["image_png_base64"] is None
 
 
@@ -69,7 +74,7 @@ def test_batch_keeps_order(client: TestClient, digit_pngs: list[tuple[bytes, int
 def test_pixels_are_fed_as_given(client: TestClient, test_digits: tuple[np.ndarray, np.ndarray]) -> None:
     digit = test_digits[0][3]
     answer = client.post("/predict/pixels", json={"pixels": digit.tolist()}).json()
-    expected = client.app.state.predictor.forward(digit[None])[0]
+    expected = client.app.state.registry.default.predictor.forward(digit[None])[0]
     np.testing.assert_allclose(answer["probabilities"], expected, atol=1e-6)
     flat = client.post("/predict/pixels", json={"pixels": digit.reshape(-1).tolist()}).json()
     assert flat["probabilities"] == pytest.approx(answer["probabilities"], abs=1e-6)
@@ -183,15 +188,15 @@ def test_metrics_count_requests_predictions_and_batches(client: TestClient, digi
     _predict(client, digit_pngs[0][0])
     client.post("/predict", files={"file": ("x.png", b"junk", "image/png")})
     text = client.get("/metrics").text
-    assert 'mnist_requests_total{endpoint="/predict",method="POST",status="200"}' in text
-    assert 'mnist_requests_total{endpoint="/predict",method="POST",status="422"}' in text
+    assert 'mnist_requests_total{endpoint="/predict",method="POST",status="200",version="1"}' in text
+    assert 'mnist_requests_total{endpoint="/predict",method="POST",status="422",version="1"}' in text
     for name in (
         "mnist_request_latency_seconds_bucket", "mnist_inference_seconds_bucket", "mnist_batch_size_bucket",
         "mnist_queue_wait_seconds_bucket", "mnist_queue_depth", "mnist_prediction_confidence_bucket",
         "mnist_predictions_total", "mnist_model_info",
     ):
         assert name in text, name
-    assert client.app.state.predictor.version in text
+    assert client.app.state.registry.default.predictor.sha256 in text
 
 
 def test_draining_server_is_not_ready(client: TestClient) -> None:
@@ -219,7 +224,7 @@ class _FailOnce(torch.nn.Module):
 def test_inference_failure_is_a_generic_500_and_the_server_recovers(
     client: TestClient, digit_pngs: list[tuple[bytes, int]]
 ) -> None:
-    predictor = client.app.state.predictor
+    predictor = client.app.state.registry.default.predictor
     predictor.module = _FailOnce(predictor.module)
     response = client.post("/predict", files={"file": ("d.png", digit_pngs[0][0], "image/png")})
     assert response.status_code == 500

@@ -33,7 +33,7 @@ def test_client_predicts_through_the_app(
         batch = mc.predict_batch([path, path.read_bytes()])
         assert [b["prediction"] for b in batch] == [labels[0]] * 2
         assert mc.predict_pixels(images[1].tolist())["prediction"] in range(10)
-        assert mc.model_info()["version"] == client.app.state.predictor.version
+        assert mc.model_info()["version"] == client.app.state.registry.default.predictor.sha256
 
 
 def test_client_raises_with_the_servers_detail() -> None:

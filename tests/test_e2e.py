@@ -114,7 +114,7 @@ def test_stress_tester_fails_on_errors(server: str, tmp_path: Path) -> None:
 
 
 def _pixels_200s(url: str) -> float:
-    line = 'mnist_requests_total{endpoint="/predict/pixels",method="POST",status="200"}'
+    line = 'mnist_requests_total{endpoint="/predict/pixels",method="POST",status="200",version="1"}'
     for row in httpx.get(f"{url}/metrics").text.splitlines():
         if row.startswith(line):
             return float(row.split()[-1])

@@ -27,11 +27,13 @@ TOOLS_BIN = ROOT / ".venv-tools" / "bin"
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 APP = "mnist-service"
 # Each overlay in k8s/overlays has a fixture of the same name; test_every_overlay_is_tested keeps them in step.
-OVERLAYS = ("local", "ingress")
+OVERLAYS = ("local", "ingress", "repository")
 # The ingress overlay's placeholders, which the user replaces (k8s/overlays/ingress/ingress.yaml).
 INGRESS_HOST = "mnist.example.com"
 INGRESS_TLS_SECRET = "mnist-service-tls"
 NGINX = "nginx.ingress.kubernetes.io/"
+# The repository overlay's shared volume (k8s/overlays/repository).
+REPOSITORY = K8S / "overlays" / "repository"
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +73,11 @@ def ingress() -> list[dict[str, Any]]:
     return _render(K8S / "overlays" / "ingress")
 
 
+@pytest.fixture(scope="module")
+def repository() -> list[dict[str, Any]]:
+    return _render(REPOSITORY)
+
+
 def _one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     found = [o for o in objects if o["kind"] == kind]
     assert len(found) == 1, f"expected one {kind}, got {len(found)}"
@@ -91,6 +98,17 @@ def _makefile_image() -> str:
     match = re.search(r"^IMAGE \?= (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
     assert match, "Makefile has no `IMAGE ?= name:tag` line"
     return match.group(1)
+
+
+def _makefile_trainer_image() -> str:
+    """TRAINER_IMAGE as make expands it: its own name, IMAGE's tag."""
+    match = re.search(
+        r"^TRAINER_IMAGE \?= ([^:\s]+):\$\(lastword \$\(subst :, ,\$\(IMAGE\)\)\)$",
+        (ROOT / "Makefile").read_text(),
+        re.MULTILINE,
+    )
+    assert match, "Makefile has no `TRAINER_IMAGE ?= name:$(lastword $(subst :, ,$(IMAGE)))` line"
+    return f"{match.group(1)}:{_makefile_image().rsplit(':', 1)[1]}"
 
 
 def _config(objects: list[dict[str, Any]]) -> dict[str, str]:
@@ -289,7 +307,9 @@ def test_configmap_keys_are_settings_fields_with_valid_values(base: list[dict[st
     fields = {name.upper() for name in Settings.model_fields}
     assert set(config) <= fields, f"not Settings fields: {sorted(set(config) - fields)}"
     settings = _settings(base)
-    assert str(settings.model_path) == "/app/models/mnist_cnn.pt"  # where the image bakes the model
+    # Where the image bakes the repository (tests/test_container_files.py checks the Dockerfile's side).
+    assert settings.model_repository == Path("/app/models")
+    assert settings.model_path is None, "MODEL_PATH would serve one file instead of the repository"
     assert "API_KEY" not in config, "the API key belongs in a Secret"
 
 
@@ -498,6 +518,206 @@ def test_network_policy_admits_the_ingress_controller(ingress: list[dict[str, An
     policy = _one(ingress, "NetworkPolicy")
     assert _selects(policy["spec"]["podSelector"]["matchLabels"], pod["metadata"]["labels"])
     assert any(admits_port(rule) and admits_controller(rule) for rule in policy["spec"]["ingress"])
+
+
+# --- the repository overlay ----------------------------------------------------------------------
+
+
+def _named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+def _claim_mounts(pod_spec: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[dict, dict]]:
+    """claimName -> (the pod's volume source, the container's mount of it), for every claim the pod uses."""
+    mounts = {m["name"]: m for m in container.get("volumeMounts", [])}
+    return {
+        v["persistentVolumeClaim"]["claimName"]: (v["persistentVolumeClaim"], mounts[v["name"]])
+        for v in pod_spec.get("volumes", [])
+        if "persistentVolumeClaim" in v and v["name"] in mounts
+    }
+
+
+def _job(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The training Job, its pod spec and its one container."""
+    job = _one(objects, "Job")
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return job, pod, container
+
+
+def _env_value(container: dict[str, Any], name: str) -> str | None:
+    return next((e.get("value") for e in container.get("env", []) if e["name"] == name), None)
+
+
+def _promote_pod() -> dict[str, Any]:
+    """The `kubectl run ... --overrides=` pod that train-job.yaml's comments give for promoting a version."""
+    text = (REPOSITORY / "train-job.yaml").read_text()
+    command = "\n".join(line.removeprefix("#").strip() for line in text.splitlines() if line.startswith("#"))
+    match = re.search(r"kubectl -n (\S+) run (\S+) .*?--image=(\S+) \\\s*--overrides='(.*?)'", command, re.DOTALL)
+    assert match, "train-job.yaml's comments lost the `kubectl run ... --overrides='...'` promote command"
+    namespace, name, image, overrides = match.groups()
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace}}
+    pod["spec"] = {"restartPolicy": "Never", **json.loads(overrides)["spec"]}
+    # kubectl merges the overrides into the container it names after the pod, with the --image given.
+    (container,) = pod["spec"]["containers"]
+    assert container["name"] == name and container.get("image", image) == image
+    return pod
+
+
+def test_repository_overlay_adds_the_claim_the_job_and_the_mount(
+    base: list[dict[str, Any]], repository: list[dict[str, Any]]
+) -> None:
+    def key(o: dict[str, Any]) -> tuple[str, str]:
+        return o["kind"], o["metadata"]["name"]
+
+    # The ConfigMap keeps its generated name but gets a new hash suffix (so the pods roll onto it).
+    overlay_map, base_map = _one(repository, "ConfigMap"), _one(base, "ConfigMap")
+    assert overlay_map["metadata"]["name"] != base_map["metadata"]["name"]
+    assert overlay_map["metadata"]["name"].rsplit("-", 1)[0] == base_map["metadata"]["name"].rsplit("-", 1)[0]
+    overlay_config, base_config = overlay_map["data"], base_map["data"]
+    assert {k: v for k, v in overlay_config.items() if base_config.get(k) != v} == {"MODEL_REPOSITORY": "/models"}
+    assert set(overlay_config) == set(base_config)
+
+    base_keys = {key(o) for o in base if o["kind"] != "ConfigMap"}
+    added = sorted(key(o) for o in repository if o["kind"] != "ConfigMap" and key(o) not in base_keys)
+    assert added == [
+        ("Job", "mnist-train"),
+        ("NetworkPolicy", "mnist-train"),
+        ("PersistentVolumeClaim", "mnist-model-repository"),
+    ]
+    unchanged = {"ConfigMap", "Deployment"}
+    same = sorted((o for o in repository if o["kind"] not in unchanged and key(o) in base_keys), key=key)
+    assert same == sorted((o for o in base if o["kind"] not in unchanged), key=key)
+    # The Deployment only gains the volume and its mount: probes, resources and security stay the base's.
+    deployment = json.loads(json.dumps(_one(repository, "Deployment")))
+    pod, container = deployment["spec"]["template"]["spec"], _container(deployment)
+    (env_from,) = container["envFrom"]
+    assert env_from["configMapRef"]["name"] == overlay_map["metadata"]["name"]
+    env_from["configMapRef"]["name"] = base_map["metadata"]["name"]
+    pod["volumes"] = [v for v in pod["volumes"] if "persistentVolumeClaim" not in v]
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != "/models"]
+    assert deployment == _one(base, "Deployment")
+    # pvc.yaml and train-job.yaml repeat the base's namespace and shared labels: they must not drift.
+    labels = _one(base, "Deployment")["metadata"]["labels"]
+    shared = {
+        k: labels[k] for k in ("app.kubernetes.io/part-of", "app.kubernetes.io/version", "app.kubernetes.io/managed-by")
+    }
+    for kind, name in added:
+        obj = _named(repository, kind, name)
+        assert obj["metadata"]["namespace"] == _one(base, "Namespace")["metadata"]["name"], kind
+        assert obj["metadata"]["labels"].items() >= shared.items(), kind
+
+
+def test_repository_claim_is_shared_by_many_nodes(repository: list[dict[str, Any]]) -> None:
+    claim = _one(repository, "PersistentVolumeClaim")
+    # Serving pods on several nodes and the Job mount it at once.
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    # The class is the user's to name (an RWX one): a placeholder comment, not a guess that silently binds.
+    assert "storageClassName" not in claim["spec"]
+    assert re.search(r"^\s*# storageClassName: \S+", (REPOSITORY / "pvc.yaml").read_text(), re.MULTILINE)
+
+
+def test_serving_pods_mount_the_repository_read_only(repository: list[dict[str, Any]]) -> None:
+    deployment = _one(repository, "Deployment")
+    claim = _one(repository, "PersistentVolumeClaim")["metadata"]["name"]
+    mounts = _claim_mounts(deployment["spec"]["template"]["spec"], _container(deployment))
+    assert set(mounts) == {claim}
+    source, mount = mounts[claim]
+    assert source.get("readOnly") is True and mount.get("readOnly") is True, "only the Job may write the repository"
+    # The server reads the repository where the claim is mounted, not the one baked into the image.
+    settings = _settings(repository)
+    assert settings.model_repository == Path(mount["mountPath"])
+    assert settings.model_path is None
+
+
+def test_training_job_publishes_into_the_same_claim_read_write(repository: list[dict[str, Any]]) -> None:
+    _, pod, container = _job(repository)
+    claim = _one(repository, "PersistentVolumeClaim")["metadata"]["name"]
+    deployment = _one(repository, "Deployment")
+    assert set(_claim_mounts(deployment["spec"]["template"]["spec"], _container(deployment))) == {claim}
+    mounts = _claim_mounts(pod, container)
+    assert set(mounts) == {claim}, "the Job must write into the claim the servers read"
+    source, mount = mounts[claim]
+    assert not source.get("readOnly") and not mount.get("readOnly")
+    path = mount["mountPath"]
+    assert _env_value(container, "MODEL_REPOSITORY") == path
+    argv = container.get("command", []) + container.get("args", [])
+    assert argv[:2] == ["python", "model_train.py"]
+    assert "--repository" in argv and argv[argv.index("--repository") + 1] == path
+    # It publishes a new version; moving stable is a person's decision (model_repository.py promote).
+    assert "--promote" not in argv and "--output" not in argv
+
+
+def test_training_job_is_bounded_and_locked_down(repository: list[dict[str, Any]]) -> None:
+    job, pod, container = _job(repository)
+    spec = job["spec"]
+    assert 0 < spec["backoffLimit"] <= 3
+    assert spec["ttlSecondsAfterFinished"] > 0
+    assert spec["activeDeadlineSeconds"] > 0
+    assert pod["restartPolicy"] == "Never"
+    assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
+    assert {"cpu", "memory"} <= container["resources"]["limits"].keys()
+    # The serving container's settings: non-root 10001, read-only root, no capabilities, RuntimeDefault.
+    serving = _one(repository, "Deployment")["spec"]["template"]["spec"]
+    assert container["securityContext"] == _container(_one(repository, "Deployment"))["securityContext"]
+    assert pod["securityContext"].items() >= serving["securityContext"].items()
+    # fsGroup gives uid 10001 write access to the volume's files.
+    assert pod["securityContext"]["fsGroup"] == container["securityContext"]["runAsUser"] == 10001
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == _one(repository, "ServiceAccount")["metadata"]["name"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert "emptyDir" in volumes[tmp["name"]]
+
+
+def test_training_job_runs_the_trainer_image_of_this_release(repository: list[dict[str, Any]]) -> None:
+    job, _, container = _job(repository)
+    image = _makefile_trainer_image()
+    assert container["image"] == image
+    assert container["imagePullPolicy"] == "Always"
+    assert job["metadata"]["labels"]["app.kubernetes.io/version"] == image.rsplit(":", 1)[1]
+
+
+def test_training_pod_is_no_serving_endpoint_and_has_no_network(repository: list[dict[str, Any]]) -> None:
+    job, _, _ = _job(repository)
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    # A running training pod is "ready": selected by the Service it would be sent requests it can't answer.
+    assert not _selects(_one(repository, "Service")["spec"]["selector"], labels)
+    assert not _selects(_one(repository, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], labels)
+    assert not _selects(
+        _named(repository, "NetworkPolicy", "mnist-service")["spec"]["podSelector"]["matchLabels"], labels
+    )
+    policy = _named(repository, "NetworkPolicy", "mnist-train")
+    assert _selects(policy["spec"]["podSelector"]["matchLabels"], labels)
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert policy["spec"]["ingress"] == [] and policy["spec"]["egress"] == []
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_documented_promote_command_is_a_valid_pod_on_the_claim(version: str, repository: list[dict[str, Any]]) -> None:
+    pod = _promote_pod()
+    kubernetes_validate.validate(pod, version, strict=True)
+    job, job_pod, job_container = _job(repository)
+    assert pod["metadata"]["namespace"] == job["metadata"]["namespace"]
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == job_container["image"]
+    claim = _one(repository, "PersistentVolumeClaim")["metadata"]["name"]
+    mounts = _claim_mounts(pod["spec"], container)
+    assert set(mounts) == {claim}
+    source, mount = mounts[claim]
+    assert not source.get("readOnly") and not mount.get("readOnly"), "promote rewrites config.json"
+    argv = container["command"]
+    assert argv[:2] == ["python", "model_repository.py"]
+    assert argv[argv.index("--repository") + 1] == mount["mountPath"]
+    assert argv[-2] == "promote" and argv[-1].isdigit()
+    # It passes the same checks as the Job: the namespace may enforce the restricted Pod Security level.
+    assert pod["spec"]["securityContext"].items() <= job_pod["securityContext"].items()
+    assert container["securityContext"].items() <= job_container["securityContext"].items()
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["spec"]["automountServiceAccountToken"] is False
 
 
 # --- extras (CRDs not in the official schemas) ---------------------------------------------------

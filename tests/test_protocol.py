@@ -10,24 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from mnist_service.process.server import _uvicorn_config
-from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings
 from mnist_service.tools.images import png_bytes
 
-from .conftest import free_port
+from .conftest import served_in_thread
 
 HEADER_TIMEOUT = 0.6
 BODY_TIMEOUT = 0.8
@@ -59,20 +55,11 @@ class _Running:
 @pytest.fixture
 def server(model_path) -> Iterator[_Running]:
     settings = Settings(
-        model_path=model_path, workers=1, header_timeout_s=HEADER_TIMEOUT, body_timeout_s=BODY_TIMEOUT,
-        keepalive_timeout_s=KEEPALIVE_TIMEOUT, max_batch_delay_ms=0, host="127.0.0.1", port=free_port(),
+        model_path=model_path, header_timeout_s=HEADER_TIMEOUT, body_timeout_s=BODY_TIMEOUT,
+        keepalive_timeout_s=KEEPALIVE_TIMEOUT, max_batch_delay_ms=0,
     )
-    app = create_app(settings)
-    uv = uvicorn.Server(_uvicorn_config(settings, app, app.state.metrics.header_timeouts.inc))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield _Running(app, settings.port)
-    uv.should_exit = True
-    thread.join(timeout=15)
+    with served_in_thread(settings) as (app, url):
+        yield _Running(app, int(url.rsplit(":", 1)[1]))
 
 
 def _read_until_closed(s: socket.socket) -> tuple[bytes, float]:
@@ -187,7 +174,7 @@ def test_a_client_hanging_up_mid_json_body_is_a_499(server: _Running) -> None:
 
 def _slow_model(server: _Running, seconds: float) -> list[int]:
     """Make every forward pass take `seconds`; returns the list of batch sizes it computes."""
-    predictor = server.app.state.predictor
+    predictor = server.app.state.registry.default.predictor
     module = predictor.module
     computed: list[int] = []
 

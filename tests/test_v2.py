@@ -20,7 +20,6 @@ from tritonclient.utils import InferenceServerException
 from mnist_service.errors import Overloaded
 from mnist_service.inference.predictor import InferenceFailed
 from mnist_service.serving.api import create_app
-from mnist_service.serving.deps import get_predictor
 from mnist_service.settings import Settings
 
 N_DIGITS = 64  # MAX_BATCH_FILES, the largest batch v2 accepts
@@ -85,14 +84,15 @@ def test_server_and_model_are_live_ready_and_described(triton: httpclient.Infere
     assert "binary_tensor_data" in server["extensions"]
     model = triton.get_model_metadata("mnist")
     assert model["name"] == "mnist" and model["platform"] == "pytorch_torchscript"
-    assert len(model["versions"]) == 1 and len(model["versions"][0]) == 64  # the sha256 of the model file
+    assert model["versions"] == ["1"]  # MODEL_PATH: a repository of one version
     assert model["inputs"][0]["datatype"] == "FP32" and model["inputs"][0]["shape"] == [-1, 1, 28, 28]
     assert {o["name"]: (o["datatype"], o["shape"]) for o in model["outputs"]} == {
         "probabilities": ("FP32", [-1, 10]),
         "prediction": ("INT64", [-1]),
     }
-    assert triton.is_model_ready("mnist", model_version=model["versions"][0])
-    assert not triton.is_model_ready("mnist", model_version="1")
+    assert triton.is_model_ready("mnist", model_version="1")
+    assert triton.is_model_ready("mnist", model_version="stable")
+    assert not triton.is_model_ready("mnist", model_version="2")
 
 
 @pytest.mark.parametrize("n", [1, N_DIGITS])
@@ -147,7 +147,7 @@ def test_versioned_infer_and_unknown_names(
     with pytest.raises(InferenceServerException, match="unknown model 'resnet'") as caught:
         triton.infer("resnet", [tensor])
     assert caught.value.status() == "404"
-    with pytest.raises(InferenceServerException, match="unknown model version") as caught:
+    with pytest.raises(InferenceServerException, match=r"version 2 is not loaded; loaded: 1 \(stable\)") as caught:
         triton.infer("mnist", [tensor], model_version="2")
     assert caught.value.status() == "404"
 
@@ -223,7 +223,8 @@ def test_unknown_model_and_version_are_404(client: TestClient) -> None:
     _assert_error(client.post("/v2/models/resnet/infer", json=_body()), 404, "serves 'mnist'")
     _assert_error(client.get("/v2/models/resnet"), 404, "unknown model")
     _assert_error(client.get("/v2/models/resnet/ready"), 404, "unknown model")
-    _assert_error(client.post("/v2/models/mnist/versions/1/infer", json=_body()), 404, "unknown model version")
+    _assert_error(client.post("/v2/models/mnist/versions/7/infer", json=_body()), 404, "model version 7 is not loaded")
+    _assert_error(client.post("/v2/models/mnist/versions/x/infer", json=_body()), 404, "unknown model version")
     version = client.get("/v2/models/mnist").json()["versions"][0]
     assert client.post(f"/v2/models/mnist/versions/{version}/infer", json=_body()).status_code == 200
 
@@ -249,26 +250,22 @@ def test_draining_makes_readiness_fail(client: TestClient) -> None:
     assert client.get("/v2/health/live").status_code == 200
 
 
-class _FailingPredictor:
-    version = "test"
-    ready = True
+def _failing(client: TestClient, error: Exception, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def predict(digits: np.ndarray) -> np.ndarray:
+        raise error
 
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-    async def predict(self, digits: np.ndarray) -> np.ndarray:
-        raise self.error
+    monkeypatch.setattr(client.app.state.registry.default.predictor, "predict", predict)
 
 
-def test_overload_keeps_its_503_and_retry_after(client: TestClient) -> None:
-    client.app.dependency_overrides[get_predictor] = lambda: _FailingPredictor(Overloaded("queue full", 2))
+def test_overload_keeps_its_503_and_retry_after(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    _failing(client, Overloaded("queue full", 2), monkeypatch)
     response = client.post(INFER, json=_body())
     _assert_error(response, 503, "queue full")
     assert response.headers["retry-after"] == "2"
 
 
-def test_inference_failure_is_a_500_without_internals(client: TestClient) -> None:
-    client.app.dependency_overrides[get_predictor] = lambda: _FailingPredictor(InferenceFailed("boom at layer 3"))
+def test_inference_failure_is_a_500_without_internals(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    _failing(client, InferenceFailed("boom at layer 3"), monkeypatch)
     response = client.post(INFER, json=_body(), headers={"X-Request-ID": "abc-123"})
     _assert_error(response, 500, "abc-123")
     assert "boom" not in response.text

@@ -2,6 +2,7 @@
 
 The browser tests start a real uvicorn server in a thread and draw with real mouse and touch
 strokes, so they cover the canvas code, the PNG export, /predict and the page's rendering together.
+The version tests serve a model repository with two different models, versions 1 and 2.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import numpy as np
@@ -20,11 +22,15 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, Response, expect, sync_playwright
 
+from mnist_service.registry.repository import ModelConfig, Repository
 from mnist_service.serving.api import create_app
 from mnist_service.serving.routes.web import STATIC_DIR
 from mnist_service.settings import Settings
+from mnist_service.tools.images import png_bytes
+
+from .conftest import add_version
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Playwright's 5 s default is short on a shared 2-core CI machine running the rest of the suite.
@@ -45,6 +51,7 @@ needs_chromium = pytest.mark.skipif(
 )
 API_KEY = "web-test-key"
 RESULT = re.compile(r"^\d · \d{1,3}\.\d%$")  # "7 · 99.2%"
+PERCENT = re.compile(r"(\d{1,3}\.\d)%$")
 
 
 # --- the page as the app serves it (no browser) ----------------------------------------------
@@ -54,9 +61,10 @@ def test_page_has_its_controls(client: TestClient) -> None:
     response = client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    for element_id in ("draw", "predict", "clear", "result", "error", "file", "bars", "seen"):
+    for element_id in ("draw", "predict", "clear", "result", "error", "file", "bars", "seen", "version", "compare"):
         assert f'id="{element_id}"' in response.text, element_id
     assert 'name="viewport"' in response.text
+    assert '<label for="version">' in response.text  # the picker has a name a screen reader says
 
 
 def test_page_sends_security_headers(client: TestClient) -> None:
@@ -297,10 +305,11 @@ def test_empty_canvas_and_network_failures_are_explained(page: Page) -> None:
 @needs_chromium
 def test_footer_shows_the_model(page: Page, server_url: str) -> None:
     info = httpx.get(f"{server_url}/model").json()
-    expect(page.locator("#model-version")).to_have_text(info["version"][:12])
+    expect(page.locator("#model-version")).to_have_text("v1")
+    expect(page.locator("#model-sha")).to_have_text(info["version"][:12])
     shown = page.locator("#model-accuracy")
     expect(shown).to_have_text(re.compile(r"^\d{1,3}\.\d%$"))
-    assert float(shown.inner_text().rstrip("%")) == pytest.approx(info["test_accuracy"] * 100, abs=0.051)
+    assert _percent(shown.inner_text()) == pytest.approx(info["test_accuracy"] * 100, abs=0.051)
 
 
 @needs_chromium
@@ -323,6 +332,10 @@ def test_phone_layout_and_touch_drawing(server_url: str, open_page: Callable[...
     cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
     assert _result(page).startswith("1")
     assert page.evaluate("window.scrollY") == 0  # the stroke drew, it did not scroll the page
+    page.locator("#compare").tap()
+    expect(page.locator("#comparison-table tbody tr")).to_have_count(1)  # one model file: one version
+    expect(page.locator("#verdict")).to_have_text("Only one version is loaded: nothing to compare it with.")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # the table fits too
     _screenshot(page, tmp_path / "phone.png")
 
 
@@ -343,3 +356,194 @@ def test_api_key_from_the_page(model_path: Path, open_page: Callable[..., Page],
         page.reload()  # the key is remembered in this browser
         expect(page.locator("#api-key")).to_have_value(API_KEY)
         _screenshot(page, tmp_path / "with-key.png")
+
+
+# --- several model versions -------------------------------------------------------------------
+
+
+def _percent(text: str) -> float:
+    """The number of a "… 98.9%" text."""
+    match = PERCENT.search(text)
+    assert match, f"no percentage at the end of {text!r}"
+    return float(match.group(1))
+
+
+def _two_versions(root: Path, first: Path, second: Path) -> Repository:
+    """A model repository under `root`: version 1 (stable) from `first`, version 2 (canary) from `second`."""
+    repo = Repository(root / "models", "mnist")
+    add_version(repo, 1, first)
+    add_version(repo, 2, second)
+    repo.write_config(ModelConfig(labels={"stable": 1, "canary": 2}))
+    return repo
+
+
+def _repository_settings(repo: Repository) -> Settings:
+    return Settings(model_repository=repo.root, repository_poll_s=0.2, max_batch_delay_ms=1.0, request_timeout_s=10.0)
+
+
+@pytest.fixture(scope="module")
+def versions_url(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, other_model_dir: Path) -> Iterator[str]:
+    """A server of two different models: v1 stable, v2 canary (left unchanged by the tests that use it)."""
+    repo = _two_versions(tmp_path_factory.mktemp("web-repo"), model_dir, other_model_dir)
+    with _serving(_repository_settings(repo)) as url:
+        yield url
+
+
+@pytest.fixture
+def versions_page(versions_url: str, open_page: Callable[..., Page]) -> Page:
+    page = open_page(versions_url, viewport={"width": 1000, "height": 760})
+    expect(page.locator("#version option")).to_have_count(3)  # /model read: the picker is filled
+    return page
+
+
+def _is_prediction(response: Response) -> bool:
+    return urlsplit(response.url).path == "/predict" and response.request.method == "POST"
+
+
+def _version_asked(response: Response) -> list[str]:
+    return parse_qs(urlsplit(response.url).query).get("version", [])
+
+
+@needs_chromium
+def test_version_picker_lists_the_ready_versions(versions_page: Page, versions_url: str) -> None:
+    info = httpx.get(f"{versions_url}/model").json()
+    options = versions_page.locator("#version option")
+    expect(options).to_have_text(
+        ["default (stable: v1)", re.compile(r"^v1 · stable · [\d.]+%$"), re.compile(r"^v2 · canary · [\d.]+%$")]
+    )
+    assert options.evaluate_all("options => options.map(o => o.value)") == ["", "1", "2"]
+    accuracy = {v["version"]: v["test_accuracy"] * 100 for v in info["versions"]}
+    assert _percent(options.nth(1).inner_text()) == pytest.approx(accuracy["1"], abs=0.051)
+    assert _percent(options.nth(2).inner_text()) == pytest.approx(accuracy["2"], abs=0.051)
+    expect(versions_page.get_by_label("Model version")).to_have_value("")  # the default is picked
+    expect(versions_page.locator("#model-version")).to_have_text("v1")
+    expect(versions_page.locator("#model-sha")).to_have_text(info["version"][:12])
+
+
+@needs_chromium
+def test_a_picked_version_answers(versions_page: Page) -> None:
+    page = versions_page
+    answered_by = page.locator("#answered-by")
+    with page.expect_response(_is_prediction) as default:
+        _draw(page, ONE)
+    assert _version_asked(default.value) == []  # the default: no ?version
+    assert default.value.headers["x-model-version"] == "1"
+    expect(answered_by).to_have_text("Answered by model version 1 (stable)")
+
+    # Picking a version asks it about the drawing on screen at once...
+    with page.expect_response(_is_prediction) as pinned:
+        page.get_by_label("Model version").select_option("2")
+    assert _version_asked(pinned.value) == ["2"]
+    assert pinned.value.headers["x-model-version"] == "2"
+    expect(answered_by).to_have_text("Answered by model version 2 (canary)")
+    _result(page)
+
+    # ...and every drawing after it.
+    page.locator("#clear").click()
+    expect(answered_by).to_have_text("")
+    with page.expect_response(_is_prediction) as drawn:
+        _draw(page, SEVEN)
+    assert _version_asked(drawn.value) == ["2"]
+    assert drawn.value.json()["model_version"] == "2"
+    expect(answered_by).to_have_text("Answered by model version 2 (canary)")
+    _result(page)
+
+
+def _compare_cases(url: str, test_digits: tuple[np.ndarray, np.ndarray]) -> dict[bool, tuple[bytes, dict]]:
+    """A test-set image the two versions agree on (key True) and one they disagree on (False), with
+    /predict/compare's answer to each."""
+    images, _ = test_digits
+    found: dict[bool, tuple[bytes, dict]] = {}
+    with httpx.Client(base_url=url, timeout=10) as http:
+        for image in images[:1000]:
+            png = png_bytes(Image.fromarray(255 - image).resize((140, 140), Image.Resampling.BILINEAR))
+            response = http.post("/predict/compare", files={"file": ("digit.png", png, "image/png")})
+            assert response.status_code == 200, response.text
+            found.setdefault(response.json()["agree"], (png, response.json()))
+            if len(found) == 2:
+                return found
+    raise AssertionError(f"the two models {'never' if True in found else 'always'} agreed on 1000 test digits")
+
+
+def _compare_upload(page: Page, png: bytes) -> None:
+    page.set_input_files("#file", {"name": "digit.png", "mimeType": "image/png", "buffer": png})
+    _result(page)
+    page.get_by_role("button", name="Compare all versions").click()
+
+
+@needs_chromium
+def test_compare_shows_every_version_and_whether_they_agree(
+    versions_page: Page, versions_url: str, test_digits: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    page = versions_page
+    cases = _compare_cases(versions_url, test_digits)
+    rows = page.locator("#comparison-table tbody tr")
+    verdict = page.locator("#verdict")
+
+    png, expected = cases[False]
+    _compare_upload(page, png)
+    expect(rows).to_have_count(2)
+    cells = rows.evaluate_all("rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+    digits = [str(p["prediction"]) for p in expected["predictions"]]
+    assert [row[:3] for row in cells] == [["v1", "stable", digits[0]], ["v2", "canary", digits[1]]]
+    for row, answer in zip(cells, expected["predictions"], strict=True):
+        assert _percent(row[3]) == pytest.approx(answer["confidence"] * 100, abs=0.2)
+    expect(verdict).to_have_text(f"The versions disagree: v1 says {digits[0]}, v2 says {digits[1]}.")
+    expect(verdict).to_have_class(re.compile(r"\bdisagree\b"))
+    _screenshot(page, tmp_path / "compare-disagree.png")
+
+    png, expected = cases[True]
+    _compare_upload(page, png)
+    expect(rows).to_have_count(2)
+    expect(verdict).to_have_text(f"All 2 versions agree: {expected['predictions'][0]['prediction']}.")
+    expect(verdict).to_have_class(re.compile(r"\bagree\b"))
+
+    page.locator("#clear").click()  # the table was about that picture
+    expect(page.locator("#comparison")).to_be_hidden()
+
+
+@needs_chromium
+def test_a_version_unloaded_meanwhile_is_an_error_and_the_picker_refreshes(
+    tmp_path: Path, model_dir: Path, open_page: Callable[..., Page]
+) -> None:
+    repo = _two_versions(tmp_path, model_dir, model_dir)  # any two versions do here
+    with _serving(_repository_settings(repo)) as url:
+        page = open_page(url, viewport={"width": 1000, "height": 760})
+        page.clock.install()  # fake timers, from the reload on
+        page.reload()
+        expect(page.locator("#version option")).to_have_count(3)
+        # Stopped: the page's timed refresh of the picker never fires, so any refresh seen below is
+        # the page reacting to the error.
+        page.clock.pause_at(time.time() + 3600)
+        page.locator("#live").uncheck()
+        picker = page.get_by_label("Model version")
+        picker.select_option("2")
+
+        repo.write_config(ModelConfig(version_policy={"specific": {"versions": [1]}}, labels={"stable": 1}))
+        deadline = time.monotonic() + 60
+        while [v["version"] for v in httpx.get(f"{url}/model").json()["versions"]] != ["1"]:
+            assert time.monotonic() < deadline, "version 2 was never unloaded"
+            time.sleep(0.1)
+        expected = httpx.post(
+            f"{url}/predict", params={"version": "2"}, content=b"x", headers={"Content-Type": "image/png"}
+        )
+        assert expected.status_code == 404
+
+        _draw(page, ONE)
+        with page.expect_request(lambda request: urlsplit(request.url).path == "/model"):
+            page.locator("#predict").click()  # the 404 makes the page read /model again
+        error = page.locator("#error")
+        expect(error).to_contain_text("404")
+        expect(error).to_contain_text(expected.json()["detail"])
+        expect(page.locator("#result")).to_have_text("")
+        # The pick stays (the page never answers with a model nobody picked), marked as gone.
+        expect(page.locator("#version option")).to_have_text(
+            ["default (stable: v1)", re.compile(r"^v1 · stable"), "v2 · not loaded"]
+        )
+        expect(picker).to_have_value("2")
+
+        picker.select_option("")
+        page.locator("#predict").click()
+        assert _result(page).startswith("1")
+        expect(error).to_be_hidden()
+        expect(page.locator("#answered-by")).to_have_text("Answered by model version 1 (stable)")

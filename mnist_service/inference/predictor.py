@@ -46,6 +46,7 @@ class Predictor:
         metadata: dict[str, Any],
         metrics: Metrics,
         *,
+        version: str = "1",
         max_batch_size: int = 32,
         max_batch_delay_ms: float = 0.0,
         max_queue: int = 512,
@@ -54,6 +55,7 @@ class Predictor:
         self.module = module
         self.metadata = metadata
         self.metrics = metrics
+        self.version = version  # the repository's version number, as a string
         self.max_batch_size = max_batch_size
         self.max_batch_delay = max_batch_delay_ms / 1000.0
         self.request_timeout = request_timeout_s
@@ -67,10 +69,15 @@ class Predictor:
         # The batch being collected or computed: stop() must answer these too, or their callers
         # would wait out their whole deadline after the batcher is gone.
         self._current: list[_Item] = []
+        self._last_arrival = 0.0
         self.ready = False
+        # Label children resolved once: .labels() costs a dict lookup and a lock on every call.
+        self._predictions = [metrics.predictions.labels(str(d), version) for d in range(10)]
+        self._confidence = metrics.confidence.labels(version)
 
     @property
-    def version(self) -> str:
+    def sha256(self) -> str:
+        """The model file's sha256, as its metadata records it."""
         return str(self.metadata.get("version", "unknown"))
 
     def forward(self, digits: np.ndarray) -> np.ndarray:
@@ -108,12 +115,31 @@ class Predictor:
                 item.future.set_exception(ModelNotReady("the server is shutting down; retry"))
         self._executor.shutdown(wait=True)
 
+    def busy(self) -> bool:
+        """Requests are waiting for a forward pass: optional work (shadow runs) should stand aside."""
+        return not self._queue.empty()
+
+    async def drain(self, idle_s: float = 0.5) -> None:
+        """Stop once every queued request is answered and none arrived for `idle_s`; bounded by the deadline.
+
+        A request that picked this version just before it was unloaded reaches predict() a moment
+        later; the idle wait lets it in instead of failing it.
+        """
+        give_up = time.perf_counter() + self.request_timeout + idle_s
+        while time.perf_counter() < give_up:
+            pending = not self._queue.empty() or self._held is not None
+            pending = pending or any(not it.future.done() for it in self._current)
+            if not pending and time.perf_counter() - self._last_arrival >= idle_s:
+                break
+            await asyncio.sleep(0.05)
+        await self.stop()
+
     async def predict(self, digits: np.ndarray) -> np.ndarray:
         """Queue digits (n, 28, 28), white on black in pixel units 0-255, and await probabilities (n, 10)."""
         if not self.ready:
             raise ModelNotReady()
         loop = asyncio.get_running_loop()
-        now = time.perf_counter()
+        now = self._last_arrival = time.perf_counter()
         item = _Item(digits, now, now + self.request_timeout, loop.create_future())
         try:
             self._queue.put_nowait(item)
@@ -142,9 +168,9 @@ class Predictor:
     def _observe(self, probs: np.ndarray) -> None:
         for digit, count in enumerate(np.bincount(probs.argmax(1), minlength=10)):
             if count:
-                self.metrics.predictions.labels(str(digit)).inc(int(count))
+                self._predictions[digit].inc(int(count))
         for confidence in probs.max(1):
-            self.metrics.confidence.observe(float(confidence))
+            self._confidence.observe(float(confidence))
 
     async def _get_within(self, timeout: float) -> _Item | None:
         # Not asyncio.wait_for(queue.get()): on Python 3.11 a timeout racing a put can drop

@@ -29,10 +29,11 @@ from typing import Any
 
 import uvicorn
 
-from mnist_service.inference.integrity import ModelLoadError, read_verified_metadata
+from mnist_service.inference.integrity import ModelLoadError
 from mnist_service.logconfig import configure_logging
 from mnist_service.process.handoff import Dispatcher, Receiver, WorkerLink
 from mnist_service.process.protocol import guarded_protocol
+from mnist_service.registry.repository import RepositoryError, check_servable
 from mnist_service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -163,8 +164,8 @@ def serve(settings: Settings) -> int:
     _ensure_fd_limit(settings)
     try:
         # Fail in one clear line before uvicorn starts, instead of a lifespan traceback.
-        read_verified_metadata(settings.model_path, settings.resolved_metadata_path)
-    except ModelLoadError as exc:
+        check_servable(settings)
+    except (ModelLoadError, RepositoryError) as exc:
         logger.error("cannot start: %s", exc)
         return 2
     if settings.workers <= 1:
@@ -233,7 +234,9 @@ def _supervise(settings: Settings) -> int:
     loop: the server stops and exits 3, so the orchestrator sees a broken container rather than
     one that flaps.
     """
-    metrics_dir = Path(tempfile.mkdtemp(prefix="mnist-metrics-"))
+    runtime_dir = Path(tempfile.mkdtemp(prefix="mnist-run-"))  # what the workers share
+    metrics_dir = runtime_dir / "metrics"
+    metrics_dir.mkdir()
     # prometheus_client's multiprocess mode is chosen from this variable when a process imports it.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     from prometheus_client import multiprocess
@@ -241,7 +244,7 @@ def _supervise(settings: Settings) -> int:
     from mnist_service.metrics import SupervisorMetrics
 
     metrics = SupervisorMetrics()
-    worker_settings = settings.model_copy(update={"prometheus_multiproc_dir": metrics_dir})
+    worker_settings = settings.model_copy(update={"prometheus_multiproc_dir": metrics_dir, "runtime_dir": runtime_dir})
     context = multiprocessing.get_context("spawn")
     config = _uvicorn_config(settings)
     dispatcher = Dispatcher(
@@ -324,7 +327,7 @@ def _supervise(settings: Settings) -> int:
         dispatcher.close()
         for worker in workers:
             worker.join(timeout=5)
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(runtime_dir, ignore_errors=True)
     if crash_loop:
         return 3
     return 0 if all(w.exitcode == 0 for w in workers) else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -21,29 +22,30 @@ from mnist_service.inference import model as model_lib
 from mnist_service.inference.predictor import InferenceFailed, Predictor
 from mnist_service.inference.preprocess import image_to_digit
 from mnist_service.metrics import Metrics
+from mnist_service.registry.registry import Registry
+from mnist_service.registry.repository import VersionFiles
 from mnist_service.serving.middleware import RequestContextMiddleware
-from mnist_service.serving.routes import health, predict, v2, web
+from mnist_service.serving.routes import health, predict, repository, v2, web
 from mnist_service.settings import Settings
 from mnist_service.tools.images import noise_image, png_bytes
 
 logger = logging.getLogger(__name__)
 
 
-def load_predictor(settings: Settings, metrics: Metrics) -> Predictor:
-    """Load, verify, optimise and warm the model: everything before the first request."""
-    module, metadata = model_lib.load_verified(settings.model_path, settings.resolved_metadata_path)
+def build_predictor(settings: Settings, metrics: Metrics, files: VersionFiles, version: str) -> Predictor:
+    """Load, verify, optimise and warm one model version: everything before its first request."""
+    module, metadata = model_lib.load_verified(files.model_path, files.metadata_path)
     predictor = Predictor(
         model_lib.optimize_for_serving(module),
         metadata,
         metrics,
+        version=version,
         max_batch_size=settings.max_batch_size,
         max_batch_delay_ms=settings.max_batch_delay_ms,
         max_queue=settings.max_queue,
         request_timeout_s=settings.request_timeout_s,
     )
     predictor.warm_up()
-    # The first decode imports PIL's plugins and numpy's paths: pay that here, not in a request.
-    image_to_digit(png_bytes(noise_image(64)))
     return predictor
 
 
@@ -51,24 +53,28 @@ def load_predictor(settings: Settings, metrics: Metrics) -> Predictor:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     torch.set_num_threads(settings.torch_threads)
-    predictor = await asyncio.to_thread(load_predictor, settings, app.state.metrics)
-    app.state.metrics.model_info.labels(predictor.version, str(predictor.metadata.get("test_accuracy"))).set(1)
+    overrides = settings.runtime_dir / "repository-overrides.json" if settings.runtime_dir else None
+    registry = Registry(
+        settings, app.state.metrics, functools.partial(build_predictor, settings, app.state.metrics), overrides
+    )
+    await registry.start()
+    # The first decode imports PIL's plugins and numpy's paths: pay that here, not in a request.
+    await asyncio.to_thread(image_to_digit, png_bytes(noise_image(64)))
     app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-    await predictor.start()
-    app.state.predictor = predictor
+    app.state.registry = registry
     # Everything loaded so far (torch, the model, FastAPI's routes) lives as long as the process.
     # Freezing it keeps the garbage collector's full passes from walking ~200,000 objects: those
     # passes stalled a worker for 80 ms every few seconds under load, which was the p99.
     gc.collect()
     gc.freeze()
     logger.info(
-        "serving model %s (test accuracy %s) from %s",
-        predictor.version[:12], predictor.metadata.get("test_accuracy"), settings.model_path,
+        "serving model versions %s (default %s) from %s",
+        ", ".join(v.name for v in registry.ready()), registry.resolve(None).name, registry.where(),
     )
     try:
         yield
     finally:
-        await predictor.stop()
+        await registry.stop()
         app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -114,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.draining = False
     # The upload routes first: the router tries routes in order, and they take most of the traffic.
-    for router in (predict.router, health.router, v2.router, web.router):
+    for router in (predict.router, health.router, v2.router, repository.router, web.router):
         app.include_router(router)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -3,7 +3,7 @@
 All are `async def` although none awaits: FastAPI runs a plain `def` dependency in a worker
 thread, and four thread hops per request were a measurable share of the server's CPU.
 The upload routes, the hot path, skip dependency injection (it cost them ~80 us a request)
-and call the plain functions here directly: `serving_predictor` and `check_api_key`.
+and call the plain functions here directly: `serving_version` and `check_api_key`.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import hmac
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import SecretStr
 
 from mnist_service.errors import ModelNotReady, Unauthorized
-from mnist_service.inference.predictor import Predictor
 from mnist_service.metrics import Metrics
+from mnist_service.registry.registry import Registry, Version
 from mnist_service.settings import Settings
 
 
@@ -26,16 +27,31 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def serving_predictor(request: Request) -> Predictor:
-    """The app's predictor, or a 503 while it loads or after it stopped."""
-    predictor: Predictor | None = getattr(request.app.state, "predictor", None)
-    if predictor is None or not predictor.ready:
+VERSION_DOC = (
+    "The model version to answer with: a number, `stable` or `canary`; leave it out for the default "
+    "(stable). 404 lists what is loaded."
+)
+
+
+def get_registry(request: Request) -> Registry:
+    """The app's registry of model versions, or a 503 while the app starts."""
+    registry: Registry | None = getattr(request.app.state, "registry", None)
+    if registry is None:
         raise ModelNotReady()
-    return predictor
+    return registry
 
 
-async def get_predictor(request: Request) -> Predictor:
-    return serving_predictor(request)
+def serving_version(request: Request, requested: str | None) -> Version:
+    """The ready version a request asked for, recorded for the response header and the metrics."""
+    version = get_registry(request).resolve(requested)
+    request.state.model_version = version.name
+    return version
+
+
+async def get_version(
+    request: Request, version: Annotated[str | None, Query(description=VERSION_DOC, max_length=64)] = None
+) -> Version:
+    return serving_version(request, version)
 
 
 async def get_metrics(request: Request) -> Metrics:
@@ -50,16 +66,26 @@ _bearer = HTTPBearer(auto_error=False, description="The API key as a bearer toke
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key (when API_KEY is set).")
 
 
-def _verify_api_key(settings: Settings, offered: tuple[str | None, ...]) -> None:
-    """Enforce API_KEY when it is set; compare in constant time so timing leaks nothing."""
-    if settings.api_key is None:
-        return
-    expected = settings.api_key.get_secret_value().encode()
-    if not any(hmac.compare_digest(k.encode(), expected) for k in offered if k):
+def verify_key(expected: SecretStr, offered: tuple[str | None, ...], name: str = "API key") -> None:
+    """401 unless one of the offered keys is `expected`; compared in constant time so timing leaks nothing."""
+    secret = expected.get_secret_value().encode()
+    if not any(hmac.compare_digest(k.encode(), secret) for k in offered if k):
         raise Unauthorized(
-            "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            f"missing or wrong {name}: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def offered_keys(request: Request) -> tuple[str | None, str | None]:
+    """The keys a request offers: a bearer token and an X-API-Key header."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    return (token if scheme.lower() == "bearer" else None, request.headers.get(_api_key_header.model.name))
+
+
+def _verify_api_key(settings: Settings, offered: tuple[str | None, ...]) -> None:
+    """Enforce API_KEY when it is set."""
+    if settings.api_key is not None:
+        verify_key(settings.api_key, offered)
 
 
 async def require_api_key(
@@ -74,9 +100,7 @@ def check_api_key(request: Request, settings: Settings) -> None:
     """require_api_key without dependency injection, reading the same two headers."""
     if settings.api_key is None:
         return
-    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
-    bearer = token if scheme.lower() == "bearer" else None
-    _verify_api_key(settings, (bearer, request.headers.get(_api_key_header.model.name)))
+    _verify_api_key(settings, offered_keys(request))
 
 
 # What the routes that call check_api_key declare in OpenAPI, as require_api_key would.
@@ -84,6 +108,7 @@ API_KEY_SECURITY = [{_bearer.scheme_name: []}, {_api_key_header.scheme_name: []}
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+VersionDep = Annotated[Version, Depends(get_version)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 DecodePoolDep = Annotated[ThreadPoolExecutor, Depends(get_decode_pool)]

@@ -64,7 +64,8 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         incoming = _header(scope, b"x-request-id")
         request_id = incoming if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         status = 500
         response_started = False
         client_gone = False  # the client hung up before its answer started
@@ -99,7 +100,10 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                if version := state.get("model_version"):  # set by the route that picked the version
+                    headers.append((b"x-model-version", version.encode()))
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -128,12 +132,13 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
-            self.metrics.request_latency.labels(endpoint).observe(elapsed)
+            version = state.get("model_version", "")
+            self.metrics.requests.labels(endpoint, scope["method"], str(status), version).inc()
+            self.metrics.request_latency.labels(endpoint, version).observe(elapsed)
             if status >= self.min_logged_status:
                 access_log.info(
-                    "method=%s path=%s status=%d ms=%.2f request_id=%s",
-                    scope["method"], scope["path"], status, elapsed * 1000, request_id,
+                    "method=%s path=%s status=%d version=%s ms=%.2f request_id=%s",
+                    scope["method"], scope["path"], status, version or "-", elapsed * 1000, request_id,
                 )
 
     def _too_large(self) -> str:

@@ -12,10 +12,17 @@ class Prediction(BaseModel):
     label: str = Field(description="The class label of the prediction.", examples=["7"])
     confidence: float = Field(description="Probability of the predicted digit.", examples=[0.998])
     probabilities: list[float] = Field(description="Probabilities of digits 0-9; they sum to 1.")
-    model_version: str = Field(description="sha256 of the model file that answered.")
+    model_version: str = Field(description="The model version that answered (also the X-Model-Version header).")
+    model_sha256: str = Field(description="sha256 of that version's model file.")
     image_png_base64: str | None = Field(
         None, description="With ?debug=1: the 28x28 image the model saw, as a base64 PNG."
     )
+
+
+class Comparison(BaseModel):
+    default_version: str | None = Field(description="The version that answers requests that name none.")
+    agree: bool = Field(description="Whether every version predicted the same digit.")
+    predictions: list[Prediction] = Field(description="One answer per loaded version, oldest first.")
 
 
 _PIXEL = {"type": "integer", "minimum": 0, "maximum": 255}
@@ -49,12 +56,28 @@ class Readiness(BaseModel):
     model_version: str | None = None
 
 
+class VersionInfo(BaseModel):
+    model_config = {"protected_namespaces": ()}
+
+    version: str = Field(description="The version number (its folder in the model repository).")
+    state: str = Field(description="READY, LOADING, UNLOADING or UNAVAILABLE.")
+    labels: list[str] = Field(description="stable and/or canary, when they point here.")
+    reason: str | None = Field(None, description="Why an UNAVAILABLE version can't be served.")
+    sha256: str | None = None
+    test_accuracy: float | None = None
+    created_at: str | None = None
+
+
 class ModelInfo(BaseModel):
-    """The model's metadata file, as written by training (extra keys pass through)."""
+    """The default version's metadata file, as written by training (extra keys pass through), and
+    every version the answering worker holds."""
 
     model_config = {"extra": "allow", "protected_namespaces": ()}
 
-    version: str
+    model_version: str = Field(description="The default version: what answers requests that name none.")
+    versions: list[VersionInfo]
+    labels: dict[str, int] = Field(description="Labels and the versions they point at.")
+    version: str = Field(description="sha256 of the default version's model file (the metadata's own field).")
     test_accuracy: float
     class_labels: list[str]
     input: dict[str, Any]
@@ -68,6 +91,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "Malformed request (wrong field or content type).",
         401: "Missing or wrong API key (only when API_KEY is set).",
+        404: "Unknown or unloaded model version (?version=); the message lists the loaded ones.",
         413: "Upload or image too large.",
         415: "Unsupported content type.",
         422: "The content can't be used: not an image, blank, corrupt, or bad pixels.",

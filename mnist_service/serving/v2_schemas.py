@@ -30,7 +30,17 @@ class ServerReady(BaseModel):
 
 class ModelReady(BaseModel):
     name: str
+    version: str | None = None
     ready: bool
+
+
+class RepositoryIndexEntry(BaseModel):
+    """One model version in the repository extension's index, as Triton lists them."""
+
+    name: str
+    version: str
+    state: str = Field(description="READY, LOADING, UNLOADING or UNAVAILABLE.")
+    reason: str = Field("", description="Why a version is not READY.")
 
 
 class MetadataTensor(BaseModel):

@@ -1,4 +1,7 @@
-"""Training, evaluation and export of the CNN: a loop a reader can follow top to bottom."""
+"""Training, evaluation and export of the CNN: a loop a reader can follow top to bottom.
+
+`publish` puts the result into the model repository as its next version; `run` writes one flat file.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_service.inference import model as model_lib
+from mnist_service.registry.repository import MODEL_FILE, Repository
 from mnist_service.training.data import load_split
 
 logger = logging.getLogger(__name__)
@@ -28,7 +32,7 @@ MEAN, STD = 0.1307, 0.3081  # the MNIST training-set pixel statistics, as everyo
 @dataclass
 class TrainParams:
     data_dir: Path = Path("data/mnist")
-    output: Path = Path("models")
+    output: Path = Path("models")  # where `run` writes mnist_cnn.pt; `publish` ignores it
     epochs: int = 60
     batch_size: int = 64
     lr: float = 3e-3  # the one-cycle schedule's peak
@@ -134,8 +138,8 @@ def measure_throughput(module: torch.jit.ScriptModule, batch: int, seconds: floa
     return float(np.median(rates))
 
 
-def run(params: TrainParams) -> dict[str, Any]:
-    """Train, evaluate on the official test set, export; return the metadata written."""
+def train_model(params: TrainParams) -> tuple[nn.Module, dict[str, Any]]:
+    """Train, evaluate on the official test set; return the network and its metadata (all but `version`)."""
     started = time.perf_counter()
     torch.set_num_threads(params.threads)
 
@@ -196,7 +200,11 @@ def run(params: TrainParams) -> dict[str, Any]:
             "threads": 1,
         },
         "training": {
-            **{k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(params).items()},
+            **{
+                k: str(v) if isinstance(v, Path) else v
+                for k, v in dataclasses.asdict(params).items()
+                if k != "output"  # where the file goes says nothing about the model
+            },
             "train_images": len(x_train),
             "optimizer": "AdamW",
             "schedule": "OneCycleLR",
@@ -206,7 +214,55 @@ def run(params: TrainParams) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    return net, metadata
+
+
+@dataclass(frozen=True)
+class Published:
+    """A version `publish` added: where it is, its metadata, and where stable points now."""
+
+    version: int
+    path: Path
+    metadata: dict[str, Any]
+    stable: int
+    previous_stable: int | None
+
+    @property
+    def stable_moved(self) -> bool:
+        return self.stable != self.previous_stable
+
+    def summary(self) -> str:
+        """Where the version went and what it did to stable, for the end of a training run's output."""
+        if self.stable_moved:
+            change = f"stable {self.previous_stable or 'none'} -> {self.stable}"
+        else:
+            change = f"stable stays {self.stable} (promote it: python model_repository.py promote {self.version})"
+        return f"{self.path}: version {self.version}, {change}"
+
+
+def run(params: TrainParams) -> dict[str, Any]:
+    """Train, evaluate, export to params.output/mnist_cnn.pt + .json; return the metadata written."""
+    net, metadata = train_model(params)
     pt_path = model_lib.export(net, metadata, params.output)
     metadata = {"version": model_lib.sha256_file(pt_path), **metadata}
     logger.info("wrote %s (test accuracy %.4f)", pt_path, metadata["test_accuracy"])
     return metadata
+
+
+def publish(params: TrainParams, repository: Path, model_name: str, promote: bool = False) -> Published:
+    """Train, evaluate, and publish the model as the next version of `model_name` in `repository`.
+
+    Stable moves to it only with `promote`, or when the model has no stable version yet (a fresh
+    repository), so that the first run gives a server something to serve.
+    """
+    repo = Repository(repository, model_name)
+    repo.read_config()  # a broken config.json fails now, not after the training
+    net, metadata = train_model(params)
+    number = repo.publish(lambda folder: model_lib.export(net, metadata, folder, name=Path(MODEL_FILE).stem))
+    previous = repo.read_config().labels.get("stable")
+    stable = number if promote or previous is None else previous
+    if stable != previous:
+        repo.set_label("stable", stable)
+    published = Published(number, repo.folder / str(number), repo.check_servable(number), stable, previous)
+    logger.info("published %s (test accuracy %.4f), stable is %d", published.path, metadata["test_accuracy"], stable)
+    return published

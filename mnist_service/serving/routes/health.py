@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mnist_service.serving.deps import MetricsDep, PredictorDep
-from mnist_service.serving.schemas import ERROR_RESPONSES, Health, ModelInfo, Readiness
+from mnist_service.registry.registry import Registry
+from mnist_service.serving.deps import MetricsDep, RegistryDep
+from mnist_service.serving.schemas import ERROR_RESPONSES, Health, ModelInfo, Readiness, VersionInfo
 
 router = APIRouter(tags=["operations"])
 
@@ -23,23 +24,39 @@ async def healthz() -> Health:
     responses={503: {"model": Readiness, "description": "Loading, or draining after SIGTERM."}},
 )
 async def readyz(request: Request, response: Response) -> Readiness:
-    """200 once the model is loaded and warmed; 503 while loading or draining."""
+    """200 once the default model version is loaded and warmed; 503 while loading or draining."""
     state = request.app.state
-    predictor = getattr(state, "predictor", None)
+    registry: Registry | None = getattr(state, "registry", None)
+    default = registry.default if registry is not None else None
     if getattr(state, "draining", False):
         status = "draining"
-    elif predictor is None or not predictor.ready:
+    elif default is None:
         status = "loading"
     else:
-        return Readiness(status="ready", model_version=predictor.version)
+        return Readiness(status="ready", model_version=default.name)
     response.status_code = 503
-    return Readiness(status=status, model_version=predictor.version if predictor is not None else None)
+    return Readiness(status=status, model_version=default.name if default is not None else None)
 
 
-@router.get("/model", summary="Model metadata", responses={503: ERROR_RESPONSES[503]})
-async def model_info(predictor: PredictorDep) -> ModelInfo:
-    """The metadata written by training: version, accuracy, input spec, confusion matrix, …"""
-    return ModelInfo.model_validate(predictor.metadata)
+@router.get("/model", summary="Model versions and metadata", responses={503: ERROR_RESPONSES[503]})
+async def model_info(registry: RegistryDep) -> ModelInfo:
+    """The default version's metadata as training wrote it, and every version this worker holds."""
+    default = registry.resolve(None)
+    versions = [
+        VersionInfo(
+            version=v.name,
+            state=v.state.value,
+            labels=registry.labels_of(v.number),
+            reason=v.reason or None,
+            sha256=v.predictor.sha256 if v.predictor is not None else None,
+            test_accuracy=v.metadata.get("test_accuracy"),
+            created_at=v.metadata.get("created_at"),
+        )
+        for v in sorted(registry.versions.values(), key=lambda v: v.number)
+    ]
+    return ModelInfo.model_validate(
+        {**default.metadata, "model_version": default.name, "versions": versions, "labels": registry.labels}
+    )
 
 
 @router.get(

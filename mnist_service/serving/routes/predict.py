@@ -20,9 +20,19 @@ from pydantic import TypeAdapter, ValidationError
 
 from mnist_service.errors import BadRequest, InvalidInput, UnsupportedMediaType
 from mnist_service.inference.preprocess import image_to_digit, pixels_to_digit, to_png_base64
-from mnist_service.serving.deps import API_KEY_SECURITY, PredictorDep, check_api_key, require_api_key, serving_predictor
+from mnist_service.registry.registry import Version
+from mnist_service.serving.deps import (
+    API_KEY_SECURITY,
+    VERSION_DOC,
+    RegistryDep,
+    VersionDep,
+    check_api_key,
+    get_registry,
+    require_api_key,
+    serving_version,
+)
 from mnist_service.serving.multipart import boundary_of, parse_parts
-from mnist_service.serving.schemas import ERROR_RESPONSES, PixelsRequest, Prediction
+from mnist_service.serving.schemas import ERROR_RESPONSES, Comparison, PixelsRequest, Prediction
 from mnist_service.settings import Settings
 
 router = APIRouter(tags=["predict"], responses=ERROR_RESPONSES)
@@ -37,9 +47,13 @@ _DEBUG_PARAM = {
     "name": "debug", "in": "query", "required": False, "description": _DEBUG_DOC,
     "schema": {"type": "boolean", "default": False},
 }
+_VERSION_PARAM = {
+    "name": "version", "in": "query", "required": False, "description": VERSION_DOC,
+    "schema": {"type": "string", "maxLength": 64},
+}
 
 
-def _operation(field_schema: dict[str, Any], field: str, raw_body: bool) -> dict[str, Any]:
+def _operation(field_schema: dict[str, Any], field: str, raw_body: bool, pinned: bool = True) -> dict[str, Any]:
     content: dict[str, Any] = {
         "multipart/form-data": {
             "schema": {"type": "object", "properties": {field: field_schema}, "required": [field]}
@@ -50,17 +64,21 @@ def _operation(field_schema: dict[str, Any], field: str, raw_body: bool) -> dict
             content[media_type] = {"schema": _UPLOAD_SCHEMA}
     return {
         "requestBody": {"required": True, "content": content},
-        "parameters": [_DEBUG_PARAM],
+        "parameters": [_DEBUG_PARAM, _VERSION_PARAM] if pinned else [_DEBUG_PARAM],
         "security": API_KEY_SECURITY,
     }
 
 
 _SINGLE = _operation(_UPLOAD_SCHEMA, "file", raw_body=True)
 _BATCH = _operation({"type": "array", "items": _UPLOAD_SCHEMA}, "files", raw_body=False)
+_COMPARE = _operation(_UPLOAD_SCHEMA, "file", raw_body=True, pinned=False)
 
 
-def prediction_dicts(probs: np.ndarray, version: str, debug_images: np.ndarray | None = None) -> list[dict[str, Any]]:
+def prediction_dicts(
+    probs: np.ndarray, version: Version, debug_images: np.ndarray | None = None
+) -> list[dict[str, Any]]:
     """Probabilities (n, 10) -> one `Prediction`-shaped dict per image."""
+    name, sha256 = version.name, version.serving().sha256
     out = []
     for i, row in enumerate(probs.tolist()):
         digit = max(range(len(row)), key=row.__getitem__)
@@ -70,7 +88,8 @@ def prediction_dicts(probs: np.ndarray, version: str, debug_images: np.ndarray |
                 "label": str(digit),
                 "confidence": row[digit],
                 "probabilities": row,
-                "model_version": version,
+                "model_version": name,
+                "model_sha256": sha256,
                 "image_png_base64": to_png_base64(debug_images[i]) if debug_images is not None else None,
             }
         )
@@ -133,20 +152,28 @@ async def _decode(files: list[tuple[str, bytes]], pool: ThreadPoolExecutor, max_
     return np.stack(results)
 
 
-async def _classify_uploads(request: Request, field: str, max_files: int) -> list[dict[str, Any]]:
-    """Everything an upload route does, in the order a client's mistakes should be reported."""
+async def _decode_uploads(request: Request, field: str, max_files: int) -> np.ndarray:
+    """The uploads of a request, checked in the order a client's mistakes should be reported, as digits."""
     settings: Settings = request.app.state.settings
-    check_api_key(request, settings)
-    predictor = serving_predictor(request)
-    debug = _debug_flag(request)
     files = await _uploads(request, field, max_files)
     if len(files) > max_files:
         if max_files == 1:
             raise BadRequest("send exactly one file to /predict; use /predict/batch for several")
         raise BadRequest(f"too many files: at most {max_files} per batch (MAX_BATCH_FILES)")
-    digits = await _decode(files, request.app.state.decode_pool, settings.max_image_pixels)
-    probs = await predictor.predict(digits)
-    return prediction_dicts(probs, predictor.version, digits if debug else None)
+    return await _decode(files, request.app.state.decode_pool, settings.max_image_pixels)
+
+
+async def _classify_uploads(request: Request, field: str, max_files: int) -> list[dict[str, Any]]:
+    """Everything an upload route does, in the order a client's mistakes should be reported."""
+    check_api_key(request, request.app.state.settings)
+    pinned = request.query_params.get("version")
+    version = serving_version(request, pinned)
+    debug = _debug_flag(request)
+    digits = await _decode_uploads(request, field, max_files)
+    probs = await version.serving().predict(digits)
+    if not pinned:
+        request.app.state.registry.shadow(version, digits, probs)
+    return prediction_dicts(probs, version, digits if debug else None)
 
 
 @router.post("/predict", response_model=Prediction, openapi_extra=_SINGLE, summary="Classify one image")
@@ -163,13 +190,43 @@ async def predict_batch(request: Request) -> Response:
     return _json(await _classify_uploads(request, "files", request.app.state.settings.max_batch_files))
 
 
+@router.post(
+    "/predict/compare", response_model=Comparison, openapi_extra=_COMPARE, summary="Every loaded version on one image"
+)
+async def predict_compare(request: Request) -> Response:
+    """One image (like /predict), answered by every loaded version: compare models on the same input."""
+    check_api_key(request, request.app.state.settings)
+    registry = get_registry(request)
+    debug = _debug_flag(request)
+    digits = await _decode_uploads(request, "file", 1)
+    versions = sorted(registry.ready(), key=lambda v: v.number)
+    if not versions:
+        registry.resolve(None)  # raises the right 503
+    answers = await asyncio.gather(*(v.serving().predict(digits) for v in versions))
+    predictions = [
+        prediction_dicts(probs, v, digits if debug else None)[0] for v, probs in zip(versions, answers, strict=True)
+    ]
+    default = registry.default
+    return _json(
+        {
+            "default_version": default.name if default is not None else None,
+            "agree": len({p["prediction"] for p in predictions}) == 1,
+            "predictions": predictions,
+        }
+    )
+
+
 @router.post("/predict/pixels", summary="Classify raw 28x28 pixels", dependencies=[Depends(require_api_key)])
 async def predict_pixels(
+    request: Request,
     body: PixelsRequest,
-    predictor: PredictorDep,
+    version: VersionDep,
+    registry: RegistryDep,
     debug: bool = Query(False, description=_DEBUG_DOC),
 ) -> Prediction:
     """784 integers 0-255 (flat or 28x28), white on black, fed to the model as given."""
     digit = pixels_to_digit(body.pixels)[None]
-    probs = await predictor.predict(digit)
-    return Prediction(**prediction_dicts(probs, predictor.version, digit if debug else None)[0])
+    probs = await version.serving().predict(digit)
+    if "version" not in request.query_params:
+        registry.shadow(version, digit, probs)
+    return Prediction(**prediction_dicts(probs, version, digit if debug else None)[0])

@@ -19,8 +19,9 @@ from starlette.exceptions import HTTPException
 
 from mnist_service.errors import ModelNotReady, NotFound, UnsupportedMediaType
 from mnist_service.inference.predictor import InferenceFailed
+from mnist_service.registry.registry import Version
 from mnist_service.serving import v2_codec
-from mnist_service.serving.deps import PredictorDep, SettingsDep, require_api_key
+from mnist_service.serving.deps import RegistryDep, SettingsDep, require_api_key, serving_version
 from mnist_service.serving.schemas import ErrorResponse
 from mnist_service.serving.v2_schemas import (
     InferenceRequest,
@@ -132,10 +133,10 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def _unready_reason(request: Request) -> str | None:
     """Why the server can't take inference now, or None when it can."""
-    predictor = getattr(request.app.state, "predictor", None)
+    registry = getattr(request.app.state, "registry", None)
     if request.app.state.draining:
         return "the server is draining before shutdown; use another replica"
-    if predictor is None or not predictor.ready:
+    if registry is None or registry.default is None:
         return "the model is still loading; retry shortly"
     return None
 
@@ -171,14 +172,16 @@ def _model(model_name: Annotated[str, Path(description="The served model's name 
 
 
 def _version(
-    model_version: Annotated[str, Path(description="The loaded version: the sha256 in the model's metadata.")],
-    predictor: PredictorDep,
+    model_version: Annotated[
+        str, Path(description="A loaded version number, or stable / canary (GET /v2/models/<name> lists them).")
+    ],
 ) -> None:
-    if model_version != predictor.version:
-        raise NotFound(
-            f"unknown model version '{model_version[:80]}': the loaded version is '{predictor.version}' "
-            "(GET /v2/models/<name> lists it), or leave /versions/<v> out of the path"
-        )
+    """Declares the path parameter; `_requested` resolves it, for both routes of an endpoint."""
+
+
+def _requested(request: Request) -> Version:
+    """The version named in the path, or the default one."""
+    return serving_version(request, request.path_params.get("model_version"))
 
 
 def _add(suffix: str, endpoint: Callable[..., Any], method: str, **kwargs: Any) -> None:
@@ -192,12 +195,15 @@ def _add(suffix: str, endpoint: Callable[..., Any], method: str, **kwargs: Any) 
     )
 
 
-async def model_metadata(predictor: PredictorDep, settings: SettingsDep) -> ModelMetadata:
-    """Name, version, platform and the tensors the model takes and gives."""
+async def model_metadata(request: Request, registry: RegistryDep, settings: SettingsDep) -> ModelMetadata:
+    """Name, versions (every loaded one; or the one in the path), platform and the tensors."""
+    version = _requested(request)
+    pinned = "model_version" in request.path_params
+    versions = [version.name] if pinned else [v.name for v in sorted(registry.ready(), key=lambda v: v.number)]
     image = {"FP32": "pixel / 255 in [0, 1]", "UINT8": "pixels 0-255"}
     return ModelMetadata(
         name=settings.model_name,
-        versions=[predictor.version],
+        versions=versions,
         platform=PLATFORM,
         inputs=[
             MetadataTensor(
@@ -216,21 +222,26 @@ async def model_metadata(predictor: PredictorDep, settings: SettingsDep) -> Mode
             MetadataTensor(name="probabilities", datatype="FP32", shape=[-1, 10]),
             MetadataTensor(name="prediction", datatype="INT64", shape=[-1]),
         ],
-        parameters={"test_accuracy": predictor.metadata.get("test_accuracy")},
+        parameters={
+            "test_accuracy": version.metadata.get("test_accuracy"),
+            "default_version": version.name,
+            "labels": registry.labels,
+        },
     )
 
 
 async def model_ready(request: Request, settings: SettingsDep) -> ModelReady:
-    """200 when the model can take requests; 503 while loading or draining."""
+    """200 when the model (or the version in the path) can take requests; 503 while loading or draining."""
     reason = _unready_reason(request)
     if reason is not None:
         raise ModelNotReady(reason)
-    return ModelReady(name=settings.model_name, ready=True)
+    version = _requested(request)
+    return ModelReady(name=settings.model_name, version=version.name, ready=True)
 
 
 async def infer(
     request: Request,
-    predictor: PredictorDep,
+    registry: RegistryDep,
     settings: SettingsDep,
     inference_header_content_length: Annotated[
         int | None,
@@ -245,8 +256,11 @@ async def infer(
     parsed = v2_codec.parse_request(header)
     digits = v2_codec.decode_input(parsed.inputs[0], binary, settings.max_batch_files)
     outputs = v2_codec.requested_outputs(parsed)
-    probs = await predictor.predict(digits)
-    body, header_length = v2_codec.encode_response(probs, outputs, settings.model_name, predictor.version, parsed.id)
+    version = _requested(request)
+    probs = await version.serving().predict(digits)
+    if "model_version" not in request.path_params:
+        registry.shadow(version, digits, probs)
+    body, header_length = v2_codec.encode_response(probs, outputs, settings.model_name, version.name, parsed.id)
     if header_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})

@@ -1,4 +1,5 @@
-// The drawing page: draw or drop a digit, POST it to /predict?debug=1, show what the model thinks.
+// The drawing page: draw or drop a digit, POST it to /predict?debug=1 (pinned to the model version
+// picked, if any), show what the model thinks; or ask every loaded version at once (/predict/compare).
 // Plain JS with no build step and no third-party code, so the page works offline and under a
 // CSP that allows only 'self'.
 "use strict";
@@ -7,6 +8,7 @@
   const LINE_WIDTH = 20; // about an MNIST stroke once the 280 px canvas is scaled to 28 px
   const LIVE_DELAY_MS = 300; // wait for the pause after a stroke, not every stroke of a digit
   const KEY_STORAGE = "mnist-api-key";
+  const VERSIONS_REFRESH_MS = 10_000; // versions come and go as the repository changes
 
   const $ = (id) => document.getElementById(id);
   const canvas = $("draw");
@@ -21,11 +23,20 @@
   const barsEl = $("bars");
   const seenBox = $("seen-box");
   const seenImg = $("seen");
+  const versionSelect = $("version");
+  const answeredByEl = $("answered-by");
+  const comparisonBox = $("comparison");
+  const verdictEl = $("verdict");
+  const comparisonRows = $("comparison-table").tBodies[0];
 
   let hasInk = false;
+  let uploaded = null; // the file last uploaded, sent as it is until the user draws over it or clears
   let drawing = null; // {id, x, y} of the pointer that is drawing, or null
   let liveTimer = null;
   let inFlight = null; // AbortController of the request whose answer we are waiting for
+  let compareInFlight = null; // the same for the comparison, which runs beside a prediction
+  let knownVersions = new Map(); // version name -> its /model entry (labels, accuracy), as last read
+  let versionsShown = ""; // what the picker lists now: rebuilt only when that changes
 
   // --- canvas -------------------------------------------------------------------------------
 
@@ -71,6 +82,8 @@
     clearTimeout(liveTimer);
     const p = toCanvas(event);
     drawing = { id: event.pointerId, ...p };
+    uploaded = null; // drawing over an upload makes the canvas the input
+    hideComparison(); // it was about the picture before this stroke
     dot(p); // a tap is a dot, not nothing
     hasInk = true;
   });
@@ -92,7 +105,7 @@
     drawing = null;
     if (live.checked) {
       clearTimeout(liveTimer);
-      liveTimer = setTimeout(predictCanvas, LIVE_DELAY_MS);
+      liveTimer = setTimeout(predictCurrent, LIVE_DELAY_MS);
     }
   }
   canvas.addEventListener("pointerup", endStroke);
@@ -138,23 +151,31 @@
     return requestId ? `${message} [request id ${requestId}]` : message;
   }
 
+  function formWith(blob, filename) {
+    const form = new FormData();
+    form.append("file", blob, filename);
+    return form;
+  }
+
   async function predict(blob, filename) {
     if (inFlight) inFlight.abort(); // only the newest drawing's answer matters
     const controller = new AbortController();
     inFlight = controller;
-    const form = new FormData();
-    form.append("file", blob, filename);
-    statusEl.textContent = "Asking the model…";
+    const version = versionSelect.value; // "" is the server's default
+    statusEl.textContent = version ? `Asking model version ${version}…` : "Asking the model…";
     clearError();
     try {
-      const response = await fetch("/predict?debug=1", {
+      const query = version ? `&version=${encodeURIComponent(version)}` : "";
+      const response = await fetch(`/predict?debug=1${query}`, {
         method: "POST",
-        body: form,
+        body: formWith(blob, filename),
         headers: authHeaders(),
         signal: controller.signal,
       });
       if (!response.ok) {
         showError(await describeFailure(response));
+        // 404: the picked version is gone; 503: it is loading or unloading. Show what is there now.
+        if (response.status === 404 || response.status === 503) refreshVersions();
         return;
       }
       showPrediction(await response.json());
@@ -166,16 +187,58 @@
     }
   }
 
-  function predictCanvas() {
-    clearTimeout(liveTimer);
+  // The picture the user means: the uploaded file at its full resolution, else the drawing as a PNG.
+  // Null (with the reason shown) when there is nothing to send.
+  async function currentImage() {
+    if (uploaded) return { blob: uploaded, name: uploaded.name || "upload" };
     if (!hasInk) {
       showError("The canvas is empty: draw a digit first.");
-      return;
+      return null;
     }
-    canvas.toBlob((blob) => {
-      if (blob) predict(blob, "canvas.png");
-      else showError("The browser could not export the drawing as PNG.");
-    }, "image/png");
+    const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+    if (!blob) showError("The browser could not export the drawing as PNG.");
+    return blob ? { blob, name: "canvas.png" } : null;
+  }
+
+  async function predictCurrent() {
+    clearTimeout(liveTimer);
+    const image = await currentImage();
+    if (image) predict(image.blob, image.name);
+  }
+
+  async function compare() {
+    const image = await currentImage();
+    if (!image) return;
+    if (compareInFlight) compareInFlight.abort();
+    const controller = new AbortController();
+    compareInFlight = controller;
+    clearError();
+    comparisonRows.replaceChildren();
+    verdictEl.className = "verdict";
+    verdictEl.textContent = "Asking every loaded version…";
+    comparisonBox.hidden = false;
+    try {
+      // The labels shown beside each answer come from /model: read it again alongside.
+      const [response] = await Promise.all([
+        fetch("/predict/compare", {
+          method: "POST",
+          body: formWith(image.blob, image.name),
+          headers: authHeaders(),
+          signal: controller.signal,
+        }),
+        refreshVersions(),
+      ]);
+      if (!response.ok) {
+        showError(await describeFailure(response));
+        return;
+      }
+      showComparison(await response.json());
+    } catch (err) {
+      if (err.name === "AbortError") return;
+      showError(`Could not reach the server: ${err.message}. Is it running?`);
+    } finally {
+      if (compareInFlight === controller) compareInFlight = null;
+    }
   }
 
   // --- showing the answer -------------------------------------------------------------------
@@ -197,9 +260,16 @@
     return `${(p * 100).toFixed(1)}%`;
   }
 
+  function labelsOf(version) {
+    return knownVersions.get(version)?.labels ?? [];
+  }
+
   function showPrediction(answer) {
     statusEl.textContent = "";
     resultEl.textContent = `${answer.prediction} · ${percent(answer.confidence)}`;
+    const labels = labelsOf(answer.model_version);
+    answeredByEl.textContent =
+      `Answered by model version ${answer.model_version}` + (labels.length ? ` (${labels.join(", ")})` : "");
     answer.probabilities.forEach((p, digit) => {
       const row = barsEl.children[digit];
       row.classList.toggle("top", digit === answer.prediction);
@@ -213,8 +283,44 @@
     }
   }
 
+  function showComparison(answer) {
+    const rows = answer.predictions.map((p) => {
+      const row = document.createElement("tr");
+      row.classList.toggle("default", p.model_version === answer.default_version);
+      for (const text of [
+        `v${p.model_version}`,
+        labelsOf(p.model_version).join(", ") || "–",
+        String(p.prediction),
+        percent(p.confidence),
+      ]) {
+        row.appendChild(document.createElement("td")).textContent = text;
+      }
+      return row;
+    });
+    comparisonRows.replaceChildren(...rows);
+    const count = answer.predictions.length;
+    if (count < 2) {
+      verdictEl.textContent = "Only one version is loaded: nothing to compare it with.";
+    } else if (answer.agree) {
+      verdictEl.textContent = `All ${count} versions agree: ${answer.predictions[0].prediction}.`;
+    } else {
+      const says = answer.predictions.map((p) => `v${p.model_version} says ${p.prediction}`).join(", ");
+      verdictEl.textContent = `The versions disagree: ${says}.`;
+    }
+    verdictEl.className = count < 2 ? "verdict" : `verdict ${answer.agree ? "agree" : "disagree"}`;
+  }
+
+  function hideComparison() {
+    if (compareInFlight) compareInFlight.abort();
+    comparisonBox.hidden = true;
+    comparisonRows.replaceChildren();
+    verdictEl.textContent = "";
+  }
+
   function resetResult() {
     resultEl.textContent = "";
+    answeredByEl.textContent = "";
+    hideComparison();
     statusEl.textContent = "Draw a digit to start.";
     clearError();
     for (const row of barsEl.children) {
@@ -247,6 +353,8 @@
 
   async function upload(file) {
     if (!file) return;
+    hideComparison();
+    uploaded = file; // before the preview: Compare clicked meanwhile sends this file, not a blank canvas
     await previewOnCanvas(file);
     predict(file, file.name || "upload");
   }
@@ -271,14 +379,20 @@
   window.addEventListener("dragover", (event) => event.preventDefault());
   window.addEventListener("drop", (event) => event.preventDefault());
 
-  // --- buttons, key, footer -----------------------------------------------------------------
+  // --- buttons, key, versions, footer -------------------------------------------------------
 
-  $("predict").addEventListener("click", predictCanvas);
+  $("predict").addEventListener("click", predictCurrent);
+  $("compare").addEventListener("click", compare);
   $("clear").addEventListener("click", () => {
     clearTimeout(liveTimer);
     if (inFlight) inFlight.abort();
+    uploaded = null;
     clearCanvas();
     resetResult();
+  });
+  // The answer on screen should be the picked version's: ask it again.
+  versionSelect.addEventListener("change", () => {
+    if (live.checked && (uploaded || hasInk)) predictCurrent();
   });
 
   try {
@@ -294,22 +408,58 @@
     }
   });
 
-  async function loadModelInfo(attempt = 0) {
-    try {
-      const response = await fetch("/model");
-      if (!response.ok) throw new Error(`HTTP ${response.status}`);
-      const info = await response.json();
-      $("model-version").textContent = String(info.version).slice(0, 12);
-      $("model-version").title = info.version;
-      $("model-accuracy").textContent = percent(info.test_accuracy);
-    } catch {
-      // 503 while the model loads: try again a few times before giving up on the footer.
-      if (attempt < 5) setTimeout(() => loadModelInfo(attempt + 1), 2000);
-      else $("model-version").textContent = "unavailable";
+  function versionText(v) {
+    const accuracy = typeof v.test_accuracy === "number" ? percent(v.test_accuracy) : null;
+    return [`v${v.version}`, ...v.labels, accuracy].filter(Boolean).join(" · ");
+  }
+
+  // The picker: the default first (no ?version), then every READY version. A picked version
+  // that is gone stays listed as "not loaded" rather than silently becoming another model.
+  function showVersions(info) {
+    knownVersions = new Map(info.versions.map((v) => [v.version, v]));
+    const ready = info.versions.filter((v) => v.state === "READY");
+    const picked = versionSelect.value;
+    const stable = info.labels.stable === undefined ? "" : "stable: ";
+    const options = [[`default (${stable}v${info.model_version})`, ""]];
+    for (const v of ready) options.push([versionText(v), v.version]);
+    if (picked && !ready.some((v) => v.version === picked)) options.push([`v${picked} · not loaded`, picked]);
+    const shown = JSON.stringify(options);
+    if (shown !== versionsShown) {
+      // Rebuilt only on a change: a rebuild would close the list under a user choosing from it.
+      versionSelect.replaceChildren(...options.map(([text, value]) => new Option(text, value)));
+      versionSelect.value = picked;
+      versionsShown = shown;
     }
+    $("model-version").textContent = `v${info.model_version}`;
+    $("model-sha").textContent = String(info.version).slice(0, 12);
+    $("model-sha").title = info.version;
+    $("model-accuracy").textContent = percent(info.test_accuracy);
+  }
+
+  // True once /model answered; a failure keeps what the page shows (the next refresh tries again).
+  async function refreshVersions() {
+    try {
+      const response = await fetch("/model", { cache: "no-store" });
+      if (!response.ok) return false;
+      showVersions(await response.json());
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  async function loadModelInfo(attempt = 0) {
+    if (await refreshVersions()) return;
+    // 503 while the model loads: try again a few times before giving up on the footer.
+    if (attempt < 5) setTimeout(() => loadModelInfo(attempt + 1), 2000);
+    else $("model-version").textContent = "unavailable";
   }
 
   clearCanvas();
   buildBars();
   loadModelInfo();
+  setInterval(() => {
+    if (!document.hidden) refreshVersions();
+  }, VERSIONS_REFRESH_MS);
+  window.addEventListener("focus", refreshVersions);
 })();
