@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--log-level", help="debug, info, warning, error (env LOG_LEVEL)")
     args = parser.parse_args()
     settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     sys.exit(serve(settings))
 
 

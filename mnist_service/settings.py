@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"  # noqa: S104  # nosec B104 - a container must listen on all interfaces
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: a line for people; json: one JSON object per line, with the request id and "
+        "the W3C trace context (trace_id, span_id from a traceparent header).",
+    )
     access_log: Literal["all", "errors", "off"] = Field(
         "errors",
         description="Which requests get a log line with their request id: every one, those answered 4xx/5xx, "

@@ -206,7 +206,7 @@ def _run_worker(settings: Settings, stops: StopRequests | None = None, link: Wor
 
 def _worker_main(settings: Settings, link: WorkerLink, stops: StopRequests) -> None:
     """Entry point of a spawned worker process."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     sys.exit(_run_worker(settings, stops, link))
 
 

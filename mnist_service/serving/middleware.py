@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mnist_service.errors import PayloadTooLarge, RequestTimeout, error_body
+from mnist_service.logconfig import REQUEST_CONTEXT, trace_context
 from mnist_service.metrics import Metrics
 from mnist_service.process.protocol import CLIENT_GONE
 
@@ -66,6 +67,7 @@ class RequestContextMiddleware:
         request_id = incoming if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        context = REQUEST_CONTEXT.set({"request_id": request_id, **trace_context(_header(scope, b"traceparent"))})
         status = 500
         response_started = False
         client_gone = False  # the client hung up before its answer started
@@ -136,10 +138,13 @@ class RequestContextMiddleware:
             self.metrics.requests.labels(endpoint, scope["method"], str(status), version).inc()
             self.metrics.request_latency.labels(endpoint, version).observe(elapsed)
             if status >= self.min_logged_status:
+                fields = {"method": scope["method"], "path": scope["path"], "status": status, "version": version}
                 access_log.info(
                     "method=%s path=%s status=%d version=%s ms=%.2f request_id=%s",
                     scope["method"], scope["path"], status, version or "-", elapsed * 1000, request_id,
+                    extra={**fields, "duration_ms": round(elapsed * 1000, 2)},
                 )
+            REQUEST_CONTEXT.reset(context)
 
     def _too_large(self) -> str:
         return (
