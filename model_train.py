@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads for training")
     parser.add_argument("--max-train", type=int, default=None, help="train on the first N images only (quick runs)")
+    parser.add_argument(
+        "--drift-images", type=int, default=None, help="drift reference from the first N test images (default all)"
+    )
     args = parser.parse_args(argv)
     if args.output and args.promote:
         parser.error("--promote moves a repository's stable label: it has no meaning with --output")
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         threads=args.threads,
         max_train=args.max_train,
+        drift_images=args.drift_images,
     )
     if args.output:
         metadata, destination = run(params), str(args.output)

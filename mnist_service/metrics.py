@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
+from mnist_service.monitoring import drift
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -48,7 +50,32 @@ class Metrics:
         )
         self.confidence = Histogram(
             "mnist_prediction_confidence", "Top-class probability, by model version; a shift is a drift signal.",
-            ["version"], buckets=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0), registry=r,
+            ["version"], buckets=drift.CONFIDENCE_BUCKETS, registry=r,
+        )
+        # The 28x28 the model saw, summarised: drift in what clients send shows here first.
+        self.inputs = {
+            name: Histogram(
+                f"mnist_input_{name}", text, ["version"], buckets=drift.BUCKETS[name], registry=r
+            )
+            for name, text in (
+                ("ink_fraction", "Share of the 28x28 input's pixels that are ink (>= 128)."),
+                ("mean_intensity", "Mean pixel value of the 28x28 input, 0-1."),
+                ("bbox_aspect", "Width / height of the ink's bounding box in the 28x28 input."),
+            )
+        }
+        # The drift reference saved with each model version, so recording rules can compare live with it.
+        self.drift_share = Gauge(
+            "mnist_drift_reference_share", "Share of each predicted digit on the test set (the reference).",
+            ["version", "digit"], multiprocess_mode="livemax", registry=r,
+        )
+        self.drift_cdf = Gauge(
+            "mnist_drift_reference_cdf", "Reference share of answers at or below each bucket edge, per statistic.",
+            ["version", "statistic", "le"], multiprocess_mode="livemax", registry=r,
+        )
+        self.drift_threshold = Gauge(
+            "mnist_drift_threshold", "Drift score above which an unchanged input stream is this rare "
+            "(drift_reference.false_alarm_rate per window of drift_reference.window predictions).",
+            ["version", "score"], multiprocess_mode="livemax", registry=r,
         )
         self.shadow = Counter(
             "mnist_shadow_comparisons",

@@ -49,7 +49,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small model trained for a few seconds: ~95% accurate, enough to tell digits apart."""
     out = tmp_path_factory.mktemp("model")
-    run(TrainParams(data_dir=DATA_DIR, output=out, epochs=2, max_train=3000, seed=1))
+    run(TrainParams(data_dir=DATA_DIR, output=out, epochs=2, max_train=3000, seed=1, drift_images=2000))
     return out
 
 
@@ -57,7 +57,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second, weaker model (one short epoch, another seed): it disagrees with the first now and then."""
     out = tmp_path_factory.mktemp("other-model")
-    run(TrainParams(data_dir=DATA_DIR, output=out, epochs=1, max_train=600, seed=7))
+    run(TrainParams(data_dir=DATA_DIR, output=out, epochs=1, max_train=600, seed=7, drift_images=2000))
     return out
 
 

@@ -102,10 +102,11 @@ def test_edited_metadata_is_refused(model_copy: tuple[Path, Path]) -> None:
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path: Path) -> None:
-    params = {"data_dir": DATA_DIR, "epochs": 1, "max_train": 512, "seed": 7}
+    params = {"data_dir": DATA_DIR, "epochs": 1, "max_train": 512, "seed": 7, "drift_images": 1000}
     first = run(TrainParams(output=tmp_path / "a", **params))
     second = run(TrainParams(output=tmp_path / "b", **params))
     assert first["confusion_matrix"] == second["confusion_matrix"]
+    assert first["drift_reference"] == second["drift_reference"]
     weights = [torch.jit.load(str(tmp_path / d / "mnist_cnn.pt")).state_dict() for d in ("a", "b")]
     for name, tensor in weights[0].items():
         torch.testing.assert_close(tensor, weights[1][name], rtol=0, atol=0)

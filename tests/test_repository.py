@@ -462,7 +462,7 @@ def train(repository: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             sys.executable, "model_train.py", "--data-dir", str(DATA_DIR), "--repository", str(repository),
-            "--epochs", "1", "--max-train", "500", *flags,
+            "--epochs", "1", "--max-train", "500", "--drift-images", "1000", *flags,
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
     )

@@ -21,6 +21,7 @@ import torch
 
 from mnist_service.errors import ModelNotReady, Overloaded
 from mnist_service.metrics import Metrics
+from mnist_service.monitoring import drift
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class Predictor:
         # Label children resolved once: .labels() costs a dict lookup and a lock on every call.
         self._predictions = [metrics.predictions.labels(str(d), version) for d in range(10)]
         self._confidence = metrics.confidence.labels(version)
+        self._inputs = {name: histogram.labels(version) for name, histogram in metrics.inputs.items()}
+        self._export_reference()
 
     @property
     def sha256(self) -> str:
@@ -165,12 +168,31 @@ class Predictor:
                 )
             )
 
-    def _observe(self, probs: np.ndarray) -> None:
+    def _export_reference(self) -> None:
+        """The drift reference in this version's metadata, as gauges; a model trained before it has none."""
+        reference = self.metadata.get("drift_reference")
+        if not reference:
+            logger.info("model version %s has no drift reference: drift is not measured for it", self.version)
+            return
+        m, version = self.metrics, self.version
+        for digit, share in enumerate(reference["digit_share"]):
+            m.drift_share.labels(version, str(digit)).set(share)
+        for statistic, edges in reference["buckets"].items():
+            for edge, share in zip(edges, reference["cdf"][statistic], strict=True):
+                m.drift_cdf.labels(version, statistic, drift.le_label(edge)).set(share)
+        for score, threshold in reference["thresholds"].items():
+            m.drift_threshold.labels(version, score).set(threshold)
+
+    def _observe(self, probs: np.ndarray, digits: np.ndarray) -> None:
         for digit, count in enumerate(np.bincount(probs.argmax(1), minlength=10)):
             if count:
                 self._predictions[digit].inc(int(count))
         for confidence in probs.max(1):
             self._confidence.observe(float(confidence))
+        for name, values in drift.input_statistics(digits).items():
+            histogram = self._inputs[name]
+            for value in values:
+                histogram.observe(float(value))
 
     async def _get_within(self, timeout: float) -> _Item | None:
         # Not asyncio.wait_for(queue.get()): on Python 3.11 a timeout racing a put can drop
@@ -251,7 +273,7 @@ class Predictor:
             return
         self.metrics.inference_time.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(digits))
-        self._observe(probs)
+        self._observe(probs, digits)
         offset = 0
         for it in live:
             n = len(it.digits)

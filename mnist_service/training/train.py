@@ -18,10 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from mnist_service.inference import model as model_lib
+from mnist_service.inference.preprocess import image_to_digit
+from mnist_service.monitoring import drift
 from mnist_service.registry.repository import MODEL_FILE, Repository
+from mnist_service.tools.images import png_bytes
 from mnist_service.training.data import load_split
 
 logger = logging.getLogger(__name__)
@@ -42,6 +46,7 @@ class TrainParams:
     seed: int = 0
     threads: int = 2  # results are bit-identical for a seed *and* a thread count
     max_train: int | None = None  # use only the first N training images (quick runs, tests)
+    drift_images: int | None = None  # build the drift reference on the first N test images (None: all)
     max_rotation_deg: float = 10.0
     scale_range: tuple[float, float] = (0.9, 1.1)
     max_shear: float = 0.1
@@ -210,11 +215,26 @@ def train_model(params: TrainParams) -> tuple[nn.Module, dict[str, Any]]:
             "schedule": "OneCycleLR",
             "train_seconds": round(train_seconds, 1),
         },
+        "drift_reference": drift_reference(served, test.images[: params.drift_images]),
         "data_sha256": {**train.sha256, **test.sha256},
         "torch_version": torch.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return net, metadata
+
+
+def as_uploaded(model: torch.jit.ScriptModule, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, 28x28 inputs) of digits sent as 28x28 PNG uploads, through the server's
+    preprocessing and the model: what the live statistics count for such uploads."""
+    digits = np.stack([image_to_digit(png_bytes(Image.fromarray(image))) for image in images])
+    with torch.inference_mode():
+        probs = torch.softmax(model(normalize(to_unit(digits))), dim=1).numpy()
+    return probs, digits
+
+
+def drift_reference(served: torch.jit.ScriptModule, images: np.ndarray) -> dict[str, Any]:
+    """The drift reference (monitoring/drift.py) of the test digits, as uploaded."""
+    return drift.build_reference(*as_uploaded(served, images))
 
 
 @dataclass(frozen=True)
