@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_service.registry.repository import METADATA_FILE, MODEL_FILE, Repository
 from mnist_service.serving.api import create_app
@@ -95,6 +96,16 @@ def client(settings: Settings) -> Iterator[TestClient]:
     """A client of a fully started app (lifespan run: model loaded, verified and warmed)."""
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+def metric_samples(app: FastAPI, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The app's samples of one metric, keyed by their sorted (label, value) pairs."""
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(app.state.metrics.render().decode())
+        for sample in family.samples
+        if sample.name == name
+    }
 
 
 @contextlib.contextmanager

@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_service.settings import Settings
 from mnist_service.tools.images import png_bytes
 
-from .conftest import served_in_thread
+from .conftest import metric_samples, served_in_thread
 
 HEADER_TIMEOUT = 0.6
 BODY_TIMEOUT = 0.8
@@ -40,13 +39,7 @@ class _Running:
         return s
 
     def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-        text = self.app.state.metrics.render().decode()
-        return {
-            tuple(sorted(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name
-        }
+        return metric_samples(self.app, name)
 
     def status_count(self, status: int) -> float:
         return sum(v for labels, v in self.samples("mnist_requests_total").items() if ("status", str(status)) in labels)

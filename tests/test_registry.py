@@ -21,14 +21,13 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from mnist_service.registry.repository import MODEL_FILE, ModelConfig, Repository
 from mnist_service.settings import Settings
 from mnist_service.tools.images import png_bytes
 
-from .conftest import add_version, served_in_thread
+from .conftest import add_version, metric_samples, served_in_thread
 
 ADMIN = "admin-s3cret"
 
@@ -59,13 +58,7 @@ class _Served:
             time.sleep(0.05)
 
     def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-        text = self.app.state.metrics.render().decode()
-        return {
-            tuple(sorted(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if s.name == name
-        }
+        return metric_samples(self.app, name)
 
 
 @pytest.fixture
