@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads for training")
     parser.add_argument("--max-train", type=int, default=None, help="train on the first N images only (quick runs)")
     parser.add_argument(
-        "--drift-images", type=int, default=None, help="drift reference from the first N test images (default all)"
+        "--drift-images", type=int, default=None, help="drift reference from N random test images (default all)"
     )
     args = parser.parse_args(argv)
     if args.output and args.promote:

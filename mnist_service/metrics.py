@@ -45,6 +45,8 @@ class Metrics:
         self.rejected = Counter(
             "mnist_rejected", "Requests refused for overload, by reason.", ["reason"], registry=r
         )
+        for reason in ("queue_full", "deadline"):  # at 0 from the start, so the first burst counts in rate()
+            self.rejected.labels(reason)
         self.predictions = Counter(
             "mnist_predictions", "Predicted digits, by model version.", ["digit", "version"], registry=r
         )
@@ -69,8 +71,9 @@ class Metrics:
             ["version", "digit"], multiprocess_mode="livemax", registry=r,
         )
         self.drift_cdf = Gauge(
-            "mnist_drift_reference_cdf", "Reference share of answers at or below each bucket edge, per statistic.",
-            ["version", "statistic", "le"], multiprocess_mode="livemax", registry=r,
+            "mnist_drift_reference_cdf", "Reference share of answers at or below each bucket edge (the `le` of "
+            "the live histogram's bucket, named `edge` here: `le` belongs to histograms), per statistic.",
+            ["version", "statistic", "edge"], multiprocess_mode="livemax", registry=r,
         )
         self.drift_threshold = Gauge(
             "mnist_drift_threshold", "Drift score above which an unchanged input stream is this rare "

@@ -16,7 +16,7 @@ from mnist_service.inference.model import load_verified
 from mnist_service.monitoring import drift
 from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings
-from mnist_service.training.train import as_uploaded
+from mnist_service.training.train import as_uploaded, reference_sample
 
 
 def _digit(rows: slice, cols: slice) -> np.ndarray:
@@ -56,7 +56,7 @@ def metadata(model_dir: Path) -> dict:
 def served_test_set(model_dir: Path, test_digits: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and inputs of the 2,000 test digits the session model's reference was built on, as uploaded."""
     module, _ = load_verified(model_dir / "mnist_cnn.pt", model_dir / "mnist_cnn.json")
-    return as_uploaded(module, test_digits[0][:2000])
+    return as_uploaded(module, test_digits[0][reference_sample(len(test_digits[0]), 2000)])
 
 
 def test_the_reference_is_saved_with_the_model(metadata: dict) -> None:
@@ -114,7 +114,7 @@ def test_the_server_exports_the_reference_and_counts_the_live_statistics(
         assert samples[("mnist_drift_reference_share", (("digit", str(digit)), ("version", "1")))] == share
     for name, edges in drift.BUCKETS.items():
         for edge, share in zip(edges, reference["cdf"][name], strict=True):
-            key = (("le", drift.le_label(edge)), ("statistic", name), ("version", "1"))
+            key = (("edge", drift.le_label(edge)), ("statistic", name), ("version", "1"))
             assert samples[("mnist_drift_reference_cdf", key)] == share
             # The live histogram has a bucket with the very same le label: the recording rules join on it.
             bucket = "mnist_prediction_confidence_bucket" if name == "confidence" else f"mnist_input_{name}_bucket"

@@ -237,7 +237,9 @@ def test_sample_zero_shadows_nothing(repo: Repository, digit_pngs: list[bytes]) 
         for png in digit_pngs[:10]:
             assert served.predict(png).status_code == 200
         counts = served.samples("mnist_shadow_comparisons_total")
-        assert counts == {(("canary", "2"), ("outcome", "skipped"), ("stable", "1")): 10}
+        key = (("canary", "2"), ("outcome", "{}"), ("stable", "1"))
+        assert counts == {tuple((n, v.format(o)) for n, v in key): 10.0 if o == "skipped" else 0.0
+                          for o in ("agree", "disagree", "skipped", "failed")}
 
 
 # ---- the v2 repository extension, through the real tritonclient --------------------------------

@@ -9,7 +9,7 @@ images from the test set, scores each against the reference with the same formul
 recording rules use, and takes the score that only FALSE_ALARM of such windows exceed.
 
 The server exports the reference as gauges and counts the live statistics; Prometheus computes
-the scores (k8s/monitoring/rules.yaml), so they add up over every worker and pod and the server
+the scores (monitoring/prometheus/rules.yml), so they add up over every worker and pod and the server
 keeps no extra state.
 
 Scores: the digit mix by the population stability index, PSI = sum over digits of
@@ -125,5 +125,6 @@ def build_reference(
 
 
 def le_label(edge: float) -> str:
-    """An edge as Prometheus's client writes it in a bucket's `le` label, so the reference joins the live buckets."""
+    """An edge as Prometheus's client writes it in a bucket's `le` label; the reference gauges carry the
+    same string in `edge`, which the recording rules copy into `le` to join the live buckets."""
     return floatToGoString(edge)

@@ -364,6 +364,9 @@ class Registry:
             ready = self.ready()
             self._default = max(v.number for v in ready) if ready else None
         self.labels = labels
+        if "stable" in labels and "canary" in labels:  # at 0 from the start, so rate() counts the first ones
+            for outcome in ("agree", "disagree", "skipped", "failed"):
+                self.metrics.shadow.labels(str(labels["stable"]), str(labels["canary"]), outcome)
         if self._default != previous and self._default is not None:
             logger.info("default model version: %s (was %s)", self._default, previous)
 
