@@ -86,9 +86,14 @@ class ModelInfo(BaseModel):
     created_at: str | None = None
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
+def error_responses(model: type[BaseModel], descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error codes, all with the same body model."""
+    return {code: {"model": model, "description": text} for code, text in descriptions.items()}
+
+
+ERROR_RESPONSES = error_responses(
+    ErrorResponse,
+    {
         400: "Malformed request (wrong field or content type).",
         401: "Missing or wrong API key (only when API_KEY is set).",
         404: "Unknown or unloaded model version (?version=); the message lists the loaded ones.",
@@ -97,5 +102,5 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         422: "The content can't be used: not an image, blank, corrupt, or bad pixels.",
         500: "Inference failed; quote the request id.",
         503: "Overloaded or not ready; retry after the Retry-After seconds.",
-    }.items()
-}
+    },
+)

@@ -22,19 +22,20 @@ from mnist_service.errors import BadRequest, Forbidden, NotFound
 from mnist_service.registry.registry import State
 from mnist_service.serving.deps import RegistryDep, SettingsDep, offered_keys, verify_key
 from mnist_service.serving.routes.v2 import ProtocolRoute
+from mnist_service.serving.schemas import error_responses
 from mnist_service.serving.v2_schemas import RepositoryIndexEntry, V2Error
 
 router = APIRouter(tags=["v2 model repository"], route_class=ProtocolRoute)
 
-_ERRORS = {
-    code: {"model": V2Error, "description": text}
-    for code, text in {
+_ERRORS = error_responses(
+    V2Error,
+    {
         400: "A malformed request, one that carries model files or a config, or a load that failed.",
         401: "Missing or wrong admin key.",
         403: "The repository API is off: ADMIN_API_KEY is not set.",
         404: "Unknown model name.",
-    }.items()
-}
+    },
+)
 
 
 async def require_admin_key(request: Request, settings: SettingsDep) -> None:

@@ -22,7 +22,7 @@ from mnist_service.inference.predictor import InferenceFailed
 from mnist_service.registry.registry import Version
 from mnist_service.serving import v2_codec
 from mnist_service.serving.deps import RegistryDep, SettingsDep, require_api_key, serving_version
-from mnist_service.serving.schemas import ErrorResponse
+from mnist_service.serving.schemas import ErrorResponse, error_responses
 from mnist_service.serving.v2_schemas import (
     InferenceRequest,
     InferenceResponse,
@@ -89,17 +89,17 @@ def _inline(schema: dict[str, Any]) -> dict[str, Any]:
 
 _ERROR_SCHEMA = V2Error.model_json_schema()
 _BINARY_SCHEMA = {"type": "string", "format": "binary"}
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": V2Error, "description": text}
-    for code, text in {
+_ERRORS = error_responses(
+    V2Error,
+    {
         400: "Bad JSON, datatype, shape, data length or binary sizes.",
         401: "Missing or wrong API key (only when API_KEY is set).",
         404: "Unknown model name or version.",
         415: "Compressed request bodies (Content-Encoding) are not supported.",
         500: "Inference failed; quote the request id.",
         503: "Overloaded or not ready; retry after the Retry-After seconds.",
-    }.items()
-}
+    },
+)
 # The app's middleware refuses an over-long Content-Length before any route runs, in its own shape.
 _ERRORS[413] = {
     "description": "Body over MAX_UPLOAD_BYTES.",
