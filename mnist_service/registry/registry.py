@@ -119,8 +119,13 @@ class Registry:
         version = self.versions.get(self._default) if self._default is not None else None
         return version if version is not None and version.state is State.READY else None
 
+    def held(self) -> list[Version]:
+        """Every version this worker knows, in order."""
+        return sorted(self.versions.values(), key=lambda v: v.number)
+
     def ready(self) -> list[Version]:
-        return [v for v in self.versions.values() if v.state is State.READY]
+        """The versions that can answer, in order."""
+        return [v for v in self.held() if v.state is State.READY]
 
     @property
     def canary(self) -> Version | None:
@@ -167,12 +172,12 @@ class Registry:
         ready = self.ready()
         if not ready:
             return "no version is loaded"
-        names = ", ".join(f"{v.name}{self._label_text(v.number)}" for v in sorted(ready, key=lambda v: v.number))
-        return f"loaded: {names}"
 
-    def _label_text(self, number: int) -> str:
-        names = [label for label, n in self.labels.items() if n == number]
-        return f" ({', '.join(names)})" if names else ""
+        def named(version: Version) -> str:
+            labels = self.labels_of(version.number)
+            return f"{version.name} ({', '.join(labels)})" if labels else version.name
+
+        return f"loaded: {', '.join(named(v) for v in ready)}"
 
     def labels_of(self, number: int) -> list[str]:
         return [label for label, n in self.labels.items() if n == number]
@@ -181,7 +186,7 @@ class Registry:
         """The v2 repository index: one entry per version this worker knows, with its state and reason."""
         return [
             {"name": self.model_name, "version": v.name, "state": v.state.value, "reason": v.reason}
-            for v in sorted(self.versions.values(), key=lambda v: v.number)
+            for v in self.held()
         ]
 
     # ---- shadow comparison ------------------------------------------------------------

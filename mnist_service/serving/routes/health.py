@@ -52,7 +52,7 @@ async def model_info(registry: RegistryDep) -> ModelInfo:
             test_accuracy=v.metadata.get("test_accuracy"),
             created_at=v.metadata.get("created_at"),
         )
-        for v in sorted(registry.versions.values(), key=lambda v: v.number)
+        for v in registry.held()
     ]
     return ModelInfo.model_validate(
         {**default.metadata, "model_version": default.name, "versions": versions, "labels": registry.labels}

@@ -199,7 +199,7 @@ async def predict_compare(request: Request) -> Response:
     registry = get_registry(request)
     debug = _debug_flag(request)
     digits = await _decode_uploads(request, "file", 1)
-    versions = sorted(registry.ready(), key=lambda v: v.number)
+    versions = registry.ready()
     if not versions:
         registry.resolve(None)  # raises the right 503
     answers = await asyncio.gather(*(v.serving().predict(digits) for v in versions))

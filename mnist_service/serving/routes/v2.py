@@ -199,7 +199,7 @@ async def model_metadata(request: Request, registry: RegistryDep, settings: Sett
     """Name, versions (every loaded one; or the one in the path), platform and the tensors."""
     version = _requested(request)
     pinned = "model_version" in request.path_params
-    versions = [version.name] if pinned else [v.name for v in sorted(registry.ready(), key=lambda v: v.number)]
+    versions = [version.name] if pinned else [v.name for v in registry.ready()]
     image = {"FP32": "pixel / 255 in [0, 1]", "UINT8": "pixels 0-255"}
     return ModelMetadata(
         name=settings.model_name,
