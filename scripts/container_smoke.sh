@@ -169,6 +169,18 @@ print(d["model_version"] if sys.argv[2] == "default" else " ".join(v["version"] 
         "$answer" "$field"
 }
 
+# Runs the image with a mounted model (NAME PORT VOLUME ENV SERVED WHAT), waits for it, and checks one
+# prediction and that it logged serving SERVED; leaves `got` set to the predicted digit.
+serve_mounted() {
+    local name=$1 port=$2 volume=$3 env=$4 served=$5 what=$6
+    pm run -d --name "$name" "${RUN_FLAGS[@]}" -e "PORT=$port" -v "$volume" -e "$env" "$IMAGE" >/dev/null \
+        || fail "podman run with a mounted $what failed"
+    wait_ready "$name" "$port"
+    got=$(predict "$port" "$TMP/digit.png")
+    [[ "$got" == "$EXPECTED" ]] || fail "mounted $what: predicted $got for a $EXPECTED"
+    [[ $(pm logs "$name" 2>&1) == *"from $served"* ]] || fail "the server didn't log serving the mounted $what $served"
+}
+
 # Numbered version folders in a repository's model folder, in order, space-separated.
 versions_on_disk() { find "$1" -mindepth 1 -maxdepth 1 -type d -regex '.*/[1-9][0-9]*' -printf '%f\n' | sort -n | xargs; }
 
@@ -207,14 +219,7 @@ cp -r "$REPOSITORY/$MODEL_NAME" "$TMP/repo/"
 find "$TMP/repo/$MODEL_NAME" -mindepth 1 -maxdepth 1 -name '.*' -exec rm -rf {} +  # a publish in progress
 chmod -R a+rwX "$TMP/repo"
 PORT2=$(free_port)
-pm run -d --name "$NAME-repo" "${RUN_FLAGS[@]}" -e "PORT=$PORT2" \
-    -v "$TMP/repo:/models:ro" -e MODEL_REPOSITORY=/models "$IMAGE" >/dev/null \
-    || fail "podman run with a mounted repository failed"
-wait_ready "$NAME-repo" "$PORT2"
-got=$(predict "$PORT2" "$TMP/digit.png")
-[[ "$got" == "$EXPECTED" ]] || fail "mounted repository: predicted $got for a $EXPECTED"
-[[ $(pm logs "$NAME-repo" 2>&1) == *"from /models/$MODEL_NAME"* ]] \
-    || fail "the server didn't log serving the mounted repository /models/$MODEL_NAME"
+serve_mounted "$NAME-repo" "$PORT2" "$TMP/repo:/models:ro" MODEL_REPOSITORY=/models "/models/$MODEL_NAME" repository
 stable=$(model_field "$PORT2" default)
 before=$(model_field "$PORT2" ready)
 started=$(pm inspect --format '{{.State.StartedAt}}' "$NAME-repo")
@@ -265,14 +270,7 @@ cp "$TMP/repo/$MODEL_NAME/$stable/model.pt" "$TMP/file/mnist_cnn.pt"
 cp "$TMP/repo/$MODEL_NAME/$stable/model.json" "$TMP/file/mnist_cnn.json"
 chmod -R a+rX "$TMP/file"
 PORT3=$(free_port)
-pm run -d --name "$NAME-file" "${RUN_FLAGS[@]}" -e "PORT=$PORT3" \
-    -v "$TMP/file:/models:ro" -e MODEL_PATH=/models/mnist_cnn.pt "$IMAGE" >/dev/null \
-    || fail "podman run with a mounted model file failed"
-wait_ready "$NAME-file" "$PORT3"
-got=$(predict "$PORT3" "$TMP/digit.png")
-[[ "$got" == "$EXPECTED" ]] || fail "mounted model file: predicted $got for a $EXPECTED"
-[[ $(pm logs "$NAME-file" 2>&1) == *"from /models/mnist_cnn.pt"* ]] \
-    || fail "the server didn't log serving /models/mnist_cnn.pt"
+serve_mounted "$NAME-file" "$PORT3" "$TMP/file:/models:ro" MODEL_PATH=/models/mnist_cnn.pt /models/mnist_cnn.pt "model file"
 pm rm -f -t 0 "$NAME-file" >/dev/null
 log "mounted model file (-v file:/models:ro, MODEL_PATH=/models/mnist_cnn.pt): predicted $got"
 
