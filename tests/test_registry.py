@@ -155,6 +155,7 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(
     index = served.http.post("/v2/repository/index", headers={"Authorization": f"Bearer {ADMIN}"}).json()
     entry = next(e for e in index if e["version"] == "3")
     assert entry["state"] == "UNAVAILABLE" and "truncated, tampered with" in entry["reason"], index
+    assert served.registry.failures() == f"version 3: {entry['reason']}"
     for _ in range(5):
         answer = served.predict(digit_pngs[0])
         assert answer.status_code == 200 and answer.json()["model_version"] == "1"

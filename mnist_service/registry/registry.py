@@ -183,11 +183,25 @@ class Registry:
         return [label for label, n in self.labels.items() if n == number]
 
     def index(self) -> list[dict[str, str]]:
-        """The v2 repository index: one entry per version this worker knows, with its state and reason."""
-        return [
-            {"name": self.model_name, "version": v.name, "state": v.state.value, "reason": v.reason}
+        """The v2 repository index: every version this worker holds with its state and reason, then
+        those on disk it does not hold, as UNAVAILABLE with why."""
+        entries = {
+            v.number: {"name": self.model_name, "version": v.name, "state": v.state.value, "reason": v.reason}
             for v in self.held()
-        ]
+        }
+        if not self.single_file:
+            why = "unloaded through the repository API" if self.unloaded else "not selected by the version policy"
+            for files in self.repository.versions():
+                entries.setdefault(
+                    files.number,
+                    {"name": self.model_name, "version": str(files.number), "state": State.UNAVAILABLE.value,
+                     "reason": why},
+                )
+        return [entries[number] for number in sorted(entries)]
+
+    def failures(self) -> str:
+        """Why versions could not be loaded, one `version N: reason` each; empty if none failed."""
+        return "; ".join(f"version {v.name}: {v.reason}" for v in self.held() if v.reason)
 
     # ---- shadow comparison ------------------------------------------------------------
 
@@ -235,7 +249,7 @@ class Registry:
         """Load what the repository selects; fails (ModelLoadError) if no version can serve."""
         await self.sync()
         if self.default is None:
-            reasons = "; ".join(f"version {v.name}: {v.reason}" for v in self.versions.values() if v.reason)
+            reasons = self.failures()
             raise ModelLoadError(
                 f"no model version could be loaded from {self.where()}"
                 + (f" ({reasons})" if reasons else ": train one with `python model_train.py`")

@@ -74,15 +74,6 @@ async def repository_index(request: Request, registry: RegistryDep) -> list[Repo
     """Every version: held ones with their state, the others on disk as UNAVAILABLE with the reason."""
     ready_only = bool((await _json_body(request)).get("ready", False))
     entries = registry.index()
-    if not registry.single_file:
-        held = {int(e["version"]) for e in entries}
-        reason = "unloaded through the repository API" if registry.unloaded else "not selected by the version policy"
-        entries += [
-            {"name": registry.model_name, "version": str(v.number), "state": State.UNAVAILABLE.value, "reason": reason}
-            for v in registry.repository.versions()
-            if v.number not in held
-        ]
-    entries.sort(key=lambda e: int(e["version"]))
     return [RepositoryIndexEntry(**e) for e in entries if not ready_only or e["state"] == State.READY.value]
 
 
@@ -102,8 +93,8 @@ async def load_model(request: Request, registry: RegistryDep) -> dict:
         )
     await registry.set_unloaded(False)
     if registry.default is None:
-        reasons = "; ".join(f"version {v.name}: {v.reason}" for v in registry.versions.values() if v.reason)
-        raise BadRequest(f"failed to load '{registry.model_name}': {reasons or 'no version in the repository'}")
+        reasons = registry.failures() or "no version in the repository"
+        raise BadRequest(f"failed to load '{registry.model_name}': {reasons}")
     return {}
 
 
