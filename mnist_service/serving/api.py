@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -24,6 +24,7 @@ from mnist_service.inference.preprocess import image_to_digit
 from mnist_service.metrics import Metrics
 from mnist_service.registry.registry import Registry
 from mnist_service.registry.repository import VersionFiles
+from mnist_service.serving.direct import ServiceApp
 from mnist_service.serving.middleware import RequestContextMiddleware
 from mnist_service.serving.routes import health, predict, repository, v2, web
 from mnist_service.settings import Settings
@@ -50,7 +51,7 @@ def build_predictor(settings: Settings, metrics: Metrics, files: VersionFiles, v
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+async def lifespan(app: ServiceApp) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     torch.set_num_threads(settings.torch_threads)
     overrides = settings.runtime_dir / "repository-overrides.json" if settings.runtime_dir else None
@@ -103,11 +104,11 @@ async def _inference_failed(request: Request, exc: InferenceFailed) -> JSONRespo
     )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> ServiceApp:
     """Build the app; the model loads when the app's lifespan starts."""
     settings = settings or Settings()
     metrics = Metrics(multiprocess_mode=settings.prometheus_multiproc_dir is not None)
-    app = FastAPI(
+    app = ServiceApp(
         title="MNIST digit classifier",
         summary="Upload an image of a handwritten digit, get the digit back.",
         version="1.0.0",
@@ -122,6 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The upload routes first: the router tries routes in order, and they take most of the traffic.
     for router in (predict.router, health.router, v2.router, repository.router, web.router):
         app.include_router(router)
+    # The upload routes carry most of the traffic and need neither routing nor dependency injection.
+    app.serve_directly(predict.router, "/predict", "/predict/batch", "/predict/compare")
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(InferenceFailed, _inference_failed)
