@@ -256,3 +256,104 @@ def test_cancellation_that_is_not_a_hangup_still_propagates() -> None:
             await task
 
     asyncio.run(run())
+
+
+class _RecordingTransport(asyncio.Transport):
+    """What the protocol writes, one entry per write() call: the system calls a socket would see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _asgi_demo(scope: Any, receive: Any, send: Any) -> None:
+    """/stream answers in two chunks, /fail starts an answer and raises, anything else answers 'hello'."""
+    if scope["type"] != "http":
+        return
+    message = await receive()
+    body = message.get("body", b"")
+    if scope["path"] == "/fail":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"10")]})
+        raise RuntimeError("broken app")
+    if scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"one", "more_body": True})
+        await send({"type": "http.response.body", "body": b"two"})
+        return
+    answer = b"hello" + body
+    length = str(len(answer)).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", length)]})
+    await send({"type": "http.response.body", "body": answer})
+
+
+def _writes_for(request: bytes, then: bytes = b"") -> _RecordingTransport:
+    """Feed raw request bytes (and, after the protocol answered the first part, `then`) to the protocol."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from mnist_service.process.protocol import guarded_protocol
+
+    async def run() -> _RecordingTransport:
+        config = uvicorn.Config(app=_asgi_demo, log_config=None, server_header=False, date_header=False)
+        config.load()
+        protocol = guarded_protocol(5.0)(config=config, server_state=ServerState(), app_state={})
+        transport = _RecordingTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(request)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        if then:
+            protocol.data_received(then)
+            for _ in range(20):
+                await asyncio.sleep(0)
+        protocol.connection_lost(None)
+        return transport
+
+    return asyncio.run(run())
+
+
+def test_an_answer_leaves_in_one_write() -> None:
+    """Head and body of an answer go out in one send(), not two: on loopback each send wakes the client."""
+    get = _writes_for(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n")
+    assert get.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"]
+    post = _writes_for(b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabc")
+    assert post.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nhelloabc"]
+    # Two requests on one connection: one write each.
+    keepalive = _writes_for(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n", b"GET /y HTTP/1.1\r\nhost: a\r\n\r\n")
+    assert [w.endswith(b"hello") for w in keepalive.writes] == [True, True]
+
+
+def test_heads_without_a_body_and_interim_answers_are_not_held() -> None:
+    head = _writes_for(b"HEAD /x HTTP/1.1\r\nhost: a\r\n\r\n")
+    assert head.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"]
+    # 100 Continue goes out at once (the client waits for it before sending its body).
+    expect = _writes_for(
+        b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\nexpect: 100-continue\r\n\r\n", b"abc"
+    )
+    assert expect.writes == [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nhelloabc"]
+    # A streamed answer: the head rides with the first chunk, later chunks follow as they come.
+    stream = _writes_for(b"GET /stream HTTP/1.1\r\nhost: a\r\n\r\n")
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    assert stream.writes == [head + b"3\r\none\r\n", b"3\r\ntwo\r\n0\r\n\r\n"]
+    # An app that fails after starting its answer: the head still reaches the client before the close.
+    fail = _writes_for(b"GET /fail HTTP/1.1\r\nhost: a\r\n\r\n")
+    assert fail.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"] and fail.closed
