@@ -17,10 +17,11 @@ from mnist_service.serving.api import create_app
 from mnist_service.serving.direct import ServiceApp
 from mnist_service.serving.routes import predict
 from mnist_service.settings import Settings
-from mnist_service.tools.images import noise_image, png_bytes, test_digit, user_digit
+from mnist_service.tools.images import noise_image, png_bytes, user_digit
+from mnist_service.tools.images import test_digit as mnist_digit
 from tests.conftest import metric_samples
 
-PNG = png_bytes(user_digit(test_digit(0)[0]))
+PNG = png_bytes(user_digit(mnist_digit(0)[0]))
 SMALL_PNG = png_bytes(noise_image(28))
 
 # (method, path, request keyword arguments) of good and bad requests to the three direct routes.
