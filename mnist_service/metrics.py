@@ -7,6 +7,9 @@ that reaches any worker sees the whole server.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from mnist_service.monitoring import drift
@@ -15,11 +18,41 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
+# Up to this many values, observe() one at a time is cheaper than counting them per bucket.
+_OBSERVE_ONE_BY_ONE = 4
+
+
+def observe_many(histogram: Any, values: np.ndarray) -> None:
+    """`histogram.observe(v)` for every v (a labelled child or an unlabelled histogram), written once per bucket.
+
+    In multiprocess mode each observation is two writes to a memory-mapped file, each under a
+    lock: per image, the confidence and the three input statistics were eight of them. This
+    counts the values per bucket first (a value goes to the first bucket whose upper bound is
+    >= it, as in Histogram.observe) and adds each count and the sum once. prometheus_client has
+    no public call for it, so this reads the histogram's bucket bounds and values.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if len(values) <= _OBSERVE_ONE_BY_ONE:
+        for value in values.tolist():
+            histogram.observe(value)
+        return
+    bounds = histogram._upper_bounds
+    index = np.searchsorted(bounds, values, side="left")
+    counts = np.bincount(index[index < len(bounds)], minlength=len(bounds))  # NaN fits no bucket, as in observe()
+    for bucket, count in zip(histogram._buckets, counts.tolist(), strict=True):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(float(values.sum()))
+
+
 class Metrics:
     """All the service's metrics; the names share the `mnist_` prefix."""
 
     def __init__(self, multiprocess_mode: bool = False) -> None:
         self.multiprocess_mode = multiprocess_mode
+        # (endpoint, method, status, version) -> (request counter, latency histogram) children: bounded,
+        # since unknown paths all count as "unmatched".
+        self._request_children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -104,6 +137,18 @@ class Metrics:
             "mnist_model_info", "1 for each model version loaded and ready (0 once unloaded), with its labels.",
             ["version", "sha256", "test_accuracy", "label"], multiprocess_mode="max", registry=r,
         )
+
+    def request_done(self, endpoint: str, method: str, status: int, version: str, seconds: float) -> None:
+        """Count one answered request and its latency; each label set's children are looked up once."""
+        key = (endpoint, method, status, version)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(endpoint, method, str(status), version),
+                self.request_latency.labels(endpoint, version),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         if not self.multiprocess_mode:

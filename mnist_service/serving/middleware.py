@@ -137,8 +137,7 @@ class RequestContextMiddleware:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             version = state.get("model_version", "")
-            self.metrics.requests.labels(endpoint, scope["method"], str(status), version).inc()
-            self.metrics.request_latency.labels(endpoint, version).observe(elapsed)
+            self.metrics.request_done(endpoint, scope["method"], status, version, elapsed)
             if status >= self.min_logged_status:
                 fields = {"method": scope["method"], "path": scope["path"], "status": status, "version": version}
                 access_log.info(
