@@ -116,7 +116,7 @@ def served_in_thread(settings: Settings) -> Iterator[tuple[FastAPI, str]]:
 
     settings = settings.model_copy(update={"workers": 1, "host": "127.0.0.1", "port": free_port()})
     app = create_app(settings)
-    server = uvicorn.Server(_uvicorn_config(settings, app, app.state.metrics.header_timeouts.inc))
+    server = uvicorn.Server(_uvicorn_config(settings, app))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

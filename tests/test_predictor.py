@@ -207,3 +207,68 @@ def test_stop_fails_waiting_and_running_requests_with_model_not_ready() -> None:
 
     asyncio.run(scenario())
     assert model.batches == [[1]]  # the queued two never reached the model
+
+
+class ThreadRecordingModel(SlowModel):
+    """A SlowModel that also records the thread each forward pass ran on."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__(delay_s)
+        self.threads: list[str] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.threads.append(threading.current_thread().name)
+        return super().forward(x)
+
+
+def test_a_lone_request_runs_inline_and_is_recorded_like_a_batch() -> None:
+    model = ThreadRecordingModel()
+
+    async def scenario() -> tuple[Predictor, list[int], str]:
+        p = _predictor(model)
+        p.warm_up(rounds=2)
+        model.batches.clear(), model.threads.clear()
+        await p.start()
+        answers = [_answers(await p.predict(_digits(v), alone=True))[0] for v in (3, 4)]
+        await p.stop()
+        return p, answers, threading.current_thread().name
+
+    p, answers, loop_thread = asyncio.run(scenario())
+    assert p.inline and answers == [3, 4]
+    assert model.threads == [loop_thread, loop_thread]  # on the event loop's thread, not the inference thread
+    batches = {s.name: s.value for s in p.metrics.batch_size.collect()[0].samples}
+    assert batches["mnist_batch_size_count"] == 2 and batches["mnist_batch_size_sum"] == 2
+    samples = p.metrics.predictions.collect()[0].samples
+    counted = {s.labels["digit"]: s.value for s in samples if s.name.endswith("_total") and s.value}
+    assert counted == {"3": 1.0, "4": 1.0}
+
+
+def test_a_request_is_not_inline_while_the_batcher_has_work_or_the_model_is_slow() -> None:
+    model = ThreadRecordingModel(delay_s=0.3)
+
+    async def busy() -> list[int]:
+        p = _predictor(model)
+        p.inline = True  # as if warm-up had timed a quick model
+        await p.start()
+        first = asyncio.create_task(p.predict(_digits(1)))  # queued: occupies the inference thread
+        await _until_forward_starts(model)
+        second = await p.predict(_digits(2), alone=True)  # claims to be alone, but the batcher is busy
+        results = [_answers(await first)[0], _answers(second)[0]]
+        await p.stop()
+        return results
+
+    assert asyncio.run(busy()) == [1, 2]
+    assert len(model.threads) == 2 and all(t.startswith("inference") for t in model.threads)
+
+    slow = ThreadRecordingModel(delay_s=0.003)  # over INLINE_MAX_S per forward pass
+
+    async def lone() -> bool:
+        p = _predictor(slow)
+        p.warm_up(rounds=3)
+        await p.start()
+        await p.predict(_digits(5), alone=True)
+        await p.stop()
+        return p.inline
+
+    assert asyncio.run(lone()) is False
+    assert slow.threads[-1].startswith("inference")

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -180,8 +182,17 @@ def _slow_model(server: _Running, seconds: float) -> list[int]:
     return computed
 
 
-def test_a_request_whose_client_left_while_queued_is_not_computed(server: _Running) -> None:
+def test_a_request_whose_client_left_while_queued_is_not_computed(
+    server: _Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
     computed = _slow_model(server, 0.6)
+    # As under load: no request is alone, so both go through the batcher's queue (a lone request
+    # would run inline, on the event loop).
+    monkeypatch.setattr(server.app.state, "in_flight", SimpleNamespace(alone=lambda: False))
+    _abandon_a_queued_request(server, computed)
+
+
+def _abandon_a_queued_request(server: _Running, computed: list[int]) -> None:
     png = _digit_png()
     with server.connect() as first:
         first.sendall(_raw_upload(png))  # occupies the inference thread for 0.6 s
@@ -196,6 +207,50 @@ def test_a_request_whose_client_left_while_queued_is_not_computed(server: _Runni
     time.sleep(0.8)  # time enough for a second forward pass, had the request been kept
     assert computed == [1], f"the abandoned request was computed: batches {computed}"
     assert server.status_count(500) == 0
+
+
+def test_a_lone_request_runs_inline_and_requests_that_arrive_together_are_batched(server: _Running) -> None:
+    predictor = server.app.state.registry.default.predictor
+    module = predictor.module
+    passes: list[tuple[str, int]] = []  # (thread, images) of every forward pass
+
+    def recording(x: Any) -> Any:
+        passes.append((threading.current_thread().name, int(x.shape[0])))
+        return module(x)
+
+    predictor.module = recording
+    upload = _raw_upload(_digit_png())
+    with server.connect() as s:
+        for _ in range(3):  # one client, one request at a time
+            s.sendall(upload)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    assert passes and all(not thread.startswith("inference") for thread, _ in passes), passes
+    passes.clear()
+    # A lone request whose forward pass holds the event loop for 0.3 s; eight more are written
+    # meanwhile, so the server reads them together: none is alone, and they share forward passes.
+    def first_one_slow(x: Any) -> Any:
+        out = recording(x)
+        if len(passes) == 1:
+            time.sleep(0.3)
+        return out
+
+    predictor.module = first_one_slow
+    clients = [server.connect() for _ in range(9)]
+    try:
+        for c in clients:  # every connection accepted and read by the server before the test proper
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
+        clients[0].sendall(upload)
+        _wait_for(lambda: bool(passes), "the lone request never reached the model")
+        for c in clients[1:]:
+            c.sendall(upload)
+        for c in clients:
+            assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for c in clients:
+            c.close()
+    assert sum(n for _, n in passes) == 9
+    assert len(passes) < 9 and any(thread.startswith("inference") for thread, _ in passes), passes
 
 
 def test_many_slow_clients_do_not_delay_a_normal_one(server: _Running) -> None:

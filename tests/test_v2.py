@@ -251,7 +251,7 @@ def test_draining_makes_readiness_fail(client: TestClient) -> None:
 
 
 def _failing(client: TestClient, error: Exception, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def predict(digits: np.ndarray) -> np.ndarray:
+    async def predict(digits: np.ndarray, *, alone: bool = False) -> np.ndarray:
         raise error
 
     monkeypatch.setattr(client.app.state.registry.default.predictor, "predict", predict)

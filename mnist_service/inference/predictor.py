@@ -4,6 +4,10 @@ Requests put 28x28 arrays on a bounded queue. One batcher task collects them unt
 `max_batch_size` images or `max_batch_delay_ms` has passed since the *first* request of the
 batch arrived, then runs one forward pass on a dedicated thread, so the event loop keeps
 parsing HTTP on the other core while torch computes.
+
+A request that is alone (the caller says nothing else is in flight, and the batcher has nothing
+queued or computing) runs inline instead: with one client at a time, the queue, the batcher task
+and the two thread hops cost more than the forward pass itself.
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ import numpy as np
 import torch
 
 from mnist_service.errors import ModelNotReady, Overloaded
-from mnist_service.metrics import Metrics
+from mnist_service.metrics import Metrics, observe_many
 from mnist_service.monitoring import drift
 
 logger = logging.getLogger(__name__)
+
+# The longest forward pass of one image (the median, timed at warm-up) that may run inline, on the event loop.
+INLINE_MAX_S = 0.002
 
 
 class InferenceFailed(RuntimeError):
@@ -70,8 +77,11 @@ class Predictor:
         # The batch being collected or computed: stop() must answer these too, or their callers
         # would wait out their whole deadline after the batcher is gone.
         self._current: list[_Item] = []
+        self._computing = False  # a forward pass is running on the inference thread
+        self._waiting = 0  # callers awaiting a queued request's answer
         self._last_arrival = 0.0
         self.ready = False
+        self.inline = False  # whether a lone request may run inline: set by warm_up(), which times it
         # Label children resolved once: .labels() costs a dict lookup and a lock on every call.
         self._predictions = [metrics.predictions.labels(str(d), version) for d in range(10)]
         self._confidence = metrics.confidence.labels(version)
@@ -95,10 +105,17 @@ class Predictor:
             return torch.softmax(logits.float(), dim=1).numpy()
 
     def warm_up(self, rounds: int = 20) -> None:
-        """Run the shapes we serve a few times: the JIT specialises on its first calls."""
+        """Run the shapes we serve a few times (the JIT specialises on its first calls), and time a lone image."""
+        lone = []
         for batch in (1, 2, self.max_batch_size):
             for _ in range(rounds):
+                started = time.perf_counter()
                 self.forward(np.zeros((batch, 28, 28), dtype=np.uint8))
+                if batch == 1:
+                    lone.append(time.perf_counter() - started)
+        # A lone request's forward pass runs on the event loop only if it is quick: a slow model
+        # there would hold up every other connection of the worker, health probes included.
+        self.inline = sorted(lone)[len(lone) // 2] <= INLINE_MAX_S
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="batcher")
@@ -137,12 +154,18 @@ class Predictor:
             await asyncio.sleep(0.05)
         await self.stop()
 
-    async def predict(self, digits: np.ndarray) -> np.ndarray:
-        """Queue digits (n, 28, 28), white on black in pixel units 0-255, and await probabilities (n, 10)."""
+    async def predict(self, digits: np.ndarray, *, alone: bool = False) -> np.ndarray:
+        """Queue digits (n, 28, 28), white on black in pixel units 0-255, and await probabilities (n, 10).
+
+        `alone`: the caller knows no other request is in flight in this process. If the batcher is
+        idle too, the forward pass runs right here on the event loop, which then has nothing else to do.
+        """
         if not self.ready:
             raise ModelNotReady()
-        loop = asyncio.get_running_loop()
         now = self._last_arrival = time.perf_counter()
+        if alone and self.inline and not self._waiting and not self._computing:
+            return self._forward_inline(digits, now)
+        loop = asyncio.get_running_loop()
         item = _Item(digits, now, now + self.request_timeout, loop.create_future())
         try:
             self._queue.put_nowait(item)
@@ -151,13 +174,25 @@ class Predictor:
             raise Overloaded(
                 f"the inference queue is full ({self._queue.maxsize} requests waiting); retry shortly"
             ) from None
-        self.metrics.queue_depth.set(self._queue.qsize())
         # A timer on the future rather than asyncio.wait_for(shield(...)): two fewer tasks per request.
         timer = loop.call_at(loop.time() + self.request_timeout, self._expire, item.future)
+        self._waiting += 1
         try:
             return await item.future
         finally:
+            self._waiting -= 1
             timer.cancel()
+
+    def _forward_inline(self, digits: np.ndarray, arrival: float) -> np.ndarray:
+        """One request's forward pass on the calling thread, recorded like a batch of its own."""
+        started = time.perf_counter()
+        try:
+            probs = self.forward(digits)
+        except Exception:
+            logger.exception("forward pass failed for a lone request of %d", len(digits))
+            raise InferenceFailed("forward pass failed") from None
+        self._record([started - arrival], started, probs, digits)
+        return probs
 
     def _expire(self, future: asyncio.Future[np.ndarray]) -> None:
         if not future.done():  # the batcher skips finished items
@@ -183,16 +218,17 @@ class Predictor:
         for score, threshold in reference["thresholds"].items():
             m.drift_threshold.labels(version, score).set(threshold)
 
-    def _observe(self, probs: np.ndarray, digits: np.ndarray) -> None:
-        for digit, count in enumerate(np.bincount(probs.argmax(1), minlength=10)):
+    def _record(self, waits: list[float], started: float, probs: np.ndarray, digits: np.ndarray) -> None:
+        """The metrics of one forward pass that began at `started`: a few writes per pass, not per image."""
+        self.metrics.inference_time.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(digits))
+        observe_many(self.metrics.queue_wait, np.asarray(waits))
+        for digit, count in enumerate(np.bincount(probs.argmax(1), minlength=10).tolist()):
             if count:
-                self._predictions[digit].inc(int(count))
-        for confidence in probs.max(1):
-            self._confidence.observe(float(confidence))
+                self._predictions[digit].inc(count)
+        observe_many(self._confidence, probs.max(1))
         for name, values in drift.input_statistics(digits).items():
-            histogram = self._inputs[name]
-            for value in values:
-                histogram.observe(float(value))
+            observe_many(self._inputs[name], values)
 
     async def _get_within(self, timeout: float) -> _Item | None:
         # Not asyncio.wait_for(queue.get()): on Python 3.11 a timeout racing a put can drop
@@ -258,11 +294,11 @@ class Predictor:
                 it.future.set_exception(Overloaded("the request expired in the queue; retry shortly"))
                 continue
             live.append(it)
-            self.metrics.queue_wait.observe(now - it.arrival)
         if not live:
             return
         digits = np.concatenate([it.digits for it in live])
         started = time.perf_counter()
+        self._computing = True
         try:
             probs = await asyncio.get_running_loop().run_in_executor(self._executor, self.forward, digits)
         except Exception:
@@ -271,9 +307,9 @@ class Predictor:
                 if not it.future.done():
                     it.future.set_exception(InferenceFailed("forward pass failed"))
             return
-        self.metrics.inference_time.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(digits))
-        self._observe(probs, digits)
+        finally:
+            self._computing = False
+        self._record([now - it.arrival for it in live], started, probs, digits)
         offset = 0
         for it in live:
             n = len(it.digits)

@@ -32,6 +32,23 @@ _TIMEOUT = (
 )
 
 
+class InFlight:
+    """The requests a worker is answering, as its HTTP protocol knows them: uvicorn's set of request
+    tasks, which every connection of a server shares. A task is in it from the moment the request's
+    headers are read, before the app has started on it, so requests that arrived together are
+    counted together. Unknown (empty) when the app runs under something else, such as a TestClient.
+    """
+
+    __slots__ = ("tasks",)
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def alone(self) -> bool:
+        """Exactly one request is in flight: the caller's own."""
+        return len(self.tasks) == 1
+
+
 class _HeadWithBody:
     """A response cycle's transport that sends the response's head together with its first body bytes.
 
@@ -70,13 +87,16 @@ class _HeadWithBody:
 
 
 def guarded_protocol(
-    header_timeout_s: float, on_header_timeout: Callable[[], None] = lambda: None
+    header_timeout_s: float, on_header_timeout: Callable[[], None] = lambda: None, in_flight: InFlight | None = None
 ) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with a header deadline and cancellation on disconnect."""
+    """uvicorn's httptools protocol with a header deadline and cancellation on disconnect; it shares
+    uvicorn's set of running request tasks with `in_flight`."""
 
     class GuardedProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            if in_flight is not None:
+                in_flight.tasks = self.tasks  # the server's one set, the same for every connection
             self._header_deadline: asyncio.TimerHandle | None = None
             self._request_begun = False  # a byte of the next request has arrived
             self._running: asyncio.Task[Any] | None = None  # the task of the request being served

@@ -22,7 +22,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -173,14 +173,18 @@ def serve(settings: Settings) -> int:
     return _supervise(settings)
 
 
-def _uvicorn_config(
-    settings: Settings, app: Any = None, on_header_timeout: Callable[[], None] = lambda: None
-) -> uvicorn.Config:
+def _uvicorn_config(settings: Settings, app: Any = None) -> uvicorn.Config:
+    """uvicorn's configuration for `app` (built by create_app), or just for binding the socket without one."""
+    state = app.state if app is not None else None
     return uvicorn.Config(
         app or "mnist_service.serving.api:create_app",
         host=settings.host,
         port=settings.port,
-        http=guarded_protocol(settings.header_timeout_s, on_header_timeout),
+        http=guarded_protocol(
+            settings.header_timeout_s,
+            state.metrics.header_timeouts.inc if state else lambda: None,
+            state.in_flight if state else None,
+        ),
         timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]  # a float works
         # Alone, a worker bounds its own connections; behind the supervisor, the supervisor does.
         limit_concurrency=settings.max_connections if settings.workers <= 1 else None,
@@ -198,7 +202,7 @@ def _run_worker(settings: Settings, stops: StopRequests | None = None, link: Wor
 
     app = create_app(settings)
     receiver = Receiver(link) if link is not None else None
-    config = _uvicorn_config(settings, app, app.state.metrics.header_timeouts.inc)
+    config = _uvicorn_config(settings, app)
     server = DrainingServer(config, app, settings.shutdown_drain_seconds, stops, receiver)
     server.run()
     return 0 if server.started else 1

@@ -22,6 +22,7 @@ from mnist_service.inference import model as model_lib
 from mnist_service.inference.predictor import InferenceFailed, Predictor
 from mnist_service.inference.preprocess import image_to_digit
 from mnist_service.metrics import Metrics
+from mnist_service.process.protocol import InFlight
 from mnist_service.registry.registry import Registry
 from mnist_service.registry.repository import VersionFiles
 from mnist_service.serving.direct import ServiceApp
@@ -120,6 +121,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.draining = False
+    app.state.in_flight = InFlight()  # filled in by the HTTP protocol: a lone request skips the batcher
     # The upload routes first: the router tries routes in order, and they take most of the traffic.
     for router in (predict.router, health.router, v2.router, repository.router, web.router):
         app.include_router(router)

@@ -33,6 +33,11 @@ VERSION_DOC = (
 )
 
 
+def alone(request: Request) -> bool:
+    """No other request is in flight in this worker: the predictor may answer this one inline."""
+    return request.app.state.in_flight.alone()
+
+
 def get_registry(request: Request) -> Registry:
     """The app's registry of model versions, or a 503 while the app starts."""
     registry: Registry | None = getattr(request.app.state, "registry", None)

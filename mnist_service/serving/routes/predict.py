@@ -26,6 +26,7 @@ from mnist_service.serving.deps import (
     VERSION_DOC,
     RegistryDep,
     VersionDep,
+    alone,
     check_api_key,
     get_registry,
     require_api_key,
@@ -170,7 +171,7 @@ async def _classify_uploads(request: Request, field: str, max_files: int) -> lis
     version = serving_version(request, pinned)
     debug = _debug_flag(request)
     digits = await _decode_uploads(request, field, max_files)
-    probs = await version.serving().predict(digits)
+    probs = await version.serving().predict(digits, alone=alone(request))
     if not pinned:
         request.app.state.registry.shadow(version, digits, probs)
     return prediction_dicts(probs, version, digits if debug else None)
@@ -202,7 +203,7 @@ async def predict_compare(request: Request) -> Response:
     versions = registry.ready()
     if not versions:
         registry.resolve(None)  # raises the right 503
-    answers = await asyncio.gather(*(v.serving().predict(digits) for v in versions))
+    answers = await asyncio.gather(*(v.serving().predict(digits, alone=alone(request)) for v in versions))
     predictions = [
         prediction_dicts(probs, v, digits if debug else None)[0] for v, probs in zip(versions, answers, strict=True)
     ]
@@ -226,7 +227,7 @@ async def predict_pixels(
 ) -> Prediction:
     """784 integers 0-255 (flat or 28x28), white on black, fed to the model as given."""
     digit = pixels_to_digit(body.pixels)[None]
-    probs = await version.serving().predict(digit)
+    probs = await version.serving().predict(digit, alone=alone(request))
     if "version" not in request.query_params:
         registry.shadow(version, digit, probs)
     return Prediction(**prediction_dicts(probs, version, digit if debug else None)[0])

@@ -21,7 +21,7 @@ from mnist_service.errors import ModelNotReady, NotFound, UnsupportedMediaType
 from mnist_service.inference.predictor import InferenceFailed
 from mnist_service.registry.registry import Version
 from mnist_service.serving import v2_codec
-from mnist_service.serving.deps import RegistryDep, SettingsDep, require_api_key, serving_version
+from mnist_service.serving.deps import RegistryDep, SettingsDep, alone, require_api_key, serving_version
 from mnist_service.serving.schemas import ErrorResponse, error_responses
 from mnist_service.serving.v2_schemas import (
     InferenceRequest,
@@ -257,7 +257,7 @@ async def infer(
     digits = v2_codec.decode_input(parsed.inputs[0], binary, settings.max_batch_files)
     outputs = v2_codec.requested_outputs(parsed)
     version = _requested(request)
-    probs = await version.serving().predict(digits)
+    probs = await version.serving().predict(digits, alone=alone(request))
     if "model_version" not in request.path_params:
         registry.shadow(version, digits, probs)
     body, header_length = v2_codec.encode_response(probs, outputs, settings.model_name, version.name, parsed.id)
