@@ -60,13 +60,16 @@ image: $(REPO_CONFIG)
 image-test: $(VENV)/.runtime $(REPO_CONFIG)
 	IMAGE=$(IMAGE) TRAINER_IMAGE=$(TRAINER_IMAGE) scripts/container_smoke.sh
 
-# Side-by-side benchmark on loopback: ours vs a plain FastAPI baseline vs LitServe (own venv).
+# Side-by-side benchmark on loopback: ours vs a plain FastAPI baseline, LitServe, TorchServe (Java frontend)
+# and BentoML, each peer in its own venv that benchmarks/run.py installs (and Debian's Java 17 if missing).
+# Two images (a 28x28 MNIST PNG and a 400x300 photo-like PNG), req/s, latency and server CPU per request;
+# about 30 min. bench-quick: 1 round of 2 s points, a smoke run that writes benchmarks/out/results-quick.md.
 bench: $(VENV)/.runtime $(MODEL)
 	$(PY) -m benchmarks.model_speed --model $(MODEL)
 	$(PY) -m benchmarks.run --model $(MODEL)
 
 bench-quick: $(VENV)/.runtime $(MODEL)
-	$(PY) -m benchmarks.run --model $(MODEL) --quick
+	$(PY) -m benchmarks.run --model $(MODEL) --quick --results benchmarks/out/results-quick.md
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -14,7 +14,6 @@ from pathlib import Path
 from benchmarks.load import Measurement
 from benchmarks.run import OUT, digit_image, machine, median_of, run_server
 from benchmarks.servers import REPO, ensure_hey
-from mnist_service.tools.stress import build_payload
 
 DEFAULT_CONFIGS = ["1:0", "8:1", "32:0", "32:1", "32:2", "32:5", "64:2", "64:5"]
 
@@ -35,7 +34,6 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     ensure_hey()
     image = digit_image(None)
-    payload = build_payload(image.read_bytes(), "multipart")
     header = machine()
     raw: dict[tuple[str, int], list[Measurement]] = {}
     for r in range(args.rounds):
@@ -44,10 +42,10 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds}: MAX_BATCH_SIZE={size} MAX_BATCH_DELAY_MS={delay}", flush=True)
             env = {"MAX_BATCH_SIZE": size, "MAX_BATCH_DELAY_MS": delay}
             results = run_server(
-                "ours", {"model": args.model, "extra": {"env": env}}, image, payload, ["hey"], args.concurrency,
+                "ours", {"model": args.model, "extra": {"env": env}}, {"photo400": image}, ["hey"], args.concurrency,
                 args.duration, f"batching-{size}-{delay}-{r + 1}.log",
             )
-            for (_, c), m in results.items():
+            for (_, _, c), m in results.items():
                 raw.setdefault((config, c), []).append(m)
 
     lines = [

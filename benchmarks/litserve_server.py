@@ -8,14 +8,13 @@ Runs in its own venv (benchmarks/run.py makes .venv-litserve) with the repo root
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import litserve as ls
 import numpy as np
 import torch
 
-from mnist_service.inference.model import optimize_for_serving
+from benchmarks.peer_model import PeerModel
 from mnist_service.inference.preprocess import image_to_digit
 
 
@@ -27,29 +26,16 @@ class MnistAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         torch.set_num_threads(self.threads)
-        metadata = json.loads(self.model_path.with_suffix(".json").read_text())
-        norm = metadata["input"]["normalization"]
-        self.mean, self.std = float(norm["mean"]), float(norm["std"])
-        self.version = metadata["version"]
-        self.model = optimize_for_serving(torch.jit.load(str(self.model_path), map_location="cpu"))
+        self.peer = PeerModel(self.model_path)
 
     def decode_request(self, request):  # a starlette FormData for multipart uploads
         return image_to_digit(request["file"].file.read())
 
     def predict(self, digits: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(digits).float().div(255.0).sub(self.mean).div(self.std).unsqueeze(1)
-        with torch.inference_mode():
-            return torch.softmax(self.model(x), dim=1).numpy()
+        return self.peer.probabilities(digits)
 
     def encode_response(self, probs: np.ndarray) -> dict:
-        best = int(probs.argmax())
-        return {
-            "prediction": best,
-            "label": str(best),
-            "confidence": float(probs[best]),
-            "probabilities": probs.tolist(),
-            "model_version": self.version,
-        }
+        return self.peer.answer(probs)
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
-"""The two load generators, our stress_testing.py and hey, reduced to one Measurement each."""
+"""The two load generators, the service's own (stress) and hey, reduced to one Measurement each."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -22,17 +23,22 @@ class Measurement:
     rps: float
     p50_ms: float
     p99_ms: float
+    # Server CPU (user + system, every process of the server) per answered request; NaN when not measured.
+    cpu_ms: float = math.nan
 
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, float | None]:
+        """The fields, NaN as None so that run.json stays valid JSON."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
 
 
-def run_stress(url: str, image: Path, concurrency: int, duration_s: float, out_json: Path) -> Measurement:
-    """stress_testing.py for `duration_s` seconds, multipart uploads of `image`, no sequential phase."""
+def run_stress(url: str, payload: Payload, body_file: Path, concurrency: int, duration_s: float,
+               out_json: Path) -> Measurement:
+    """The service's load generator (what stress_testing.py runs) for `duration_s` seconds, posting `payload`."""
+    body_file.write_bytes(payload.body)
     command = [
-        sys.executable, "stress_testing.py", "--url", url, "--image", str(image), "--mode", "multipart",
-        "--concurrency", str(concurrency), "--duration", str(duration_s), "--sequential-requests", "0",
-        "--json", str(out_json), "--no-progress", "--max-error-rate", "1",
+        sys.executable, "-m", "benchmarks.stress_client", "--url", url, "--path", payload.path,
+        "--body", str(body_file), "--content-type", payload.content_type, "--concurrency", str(concurrency),
+        "--duration", str(duration_s), "--json", str(out_json),
     ]
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, timeout=duration_s + 120)
     s = json.loads(out_json.read_text())["concurrent"]
@@ -41,7 +47,7 @@ def run_stress(url: str, image: Path, concurrency: int, duration_s: float, out_j
 
 
 def run_hey(url: str, payload: Payload, body_file: Path, concurrency: int, duration_s: float) -> Measurement:
-    """hey -z for `duration_s` seconds, posting the same multipart body as stress_testing.py."""
+    """hey -z for `duration_s` seconds, posting `payload`."""
     body_file.write_bytes(payload.body)
     command = [
         "hey", "-z", f"{duration_s:g}s", "-c", str(concurrency), "-t", "20", "-m", "POST",

@@ -86,11 +86,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=int, default=15, help="seconds per py-spy recording")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--image", type=Path, help="image to upload (default: the 400x300 test digit)")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     OUT.mkdir(parents=True, exist_ok=True)
     ensure_hey()
-    image = digit_image(None)
+    image = digit_image(args.image)
     payload = build_payload(image.read_bytes(), "multipart")
     body = OUT / "body.bin"
     body.write_bytes(payload.body)

@@ -1,57 +1,74 @@
-"""Our server against a plain FastAPI baseline and LitServe, on this machine, in one run.
+"""Our server against a plain FastAPI baseline, LitServe, TorchServe and BentoML, on this machine, in one run.
 
-    .venv/bin/python -m benchmarks.run [--quick] [--rounds 2] [--duration 10]
+    .venv/bin/python -m benchmarks.run [--quick] [--rounds 2] [--duration 10] [--images mnist28 photo400]
 
-Each round starts each server in turn (A B C A B C), waits until it answers, drives multipart PNG
-uploads of the same digit with stress_testing.py and hey at each concurrency, and stops it.
-Numbers are medians over rounds; ratios compare servers measured in the same run. Writes
-benchmarks/results.md and the raw numbers to benchmarks/out/run.json.
+Each round starts each server in turn (A B C D E A B C D E), waits until it answers, and for each
+image drives that server's own request (a multipart upload, or the raw PNG body for TorchServe)
+with the service's load generator and hey at each concurrency, then stops it. Around each point it
+reads the CPU time of every process of the server, for CPU per request. Numbers are medians over
+rounds; ratios compare servers measured in the same run. Writes benchmarks/results.md and the raw
+numbers to benchmarks/out/run.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
-import socket
+import shutil
 import statistics
 import subprocess
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from benchmarks.load import TOOLS, Measurement, run_hey, run_stress
+from benchmarks.server_cpu import cpu_seconds
 from benchmarks.servers import (
-    LITSERVE_VENV,
+    OUT,
     REPO,
     SERVERS,
+    VENVS,
     ensure_hey,
-    ensure_litserve_venv,
+    ensure_server,
+    free_port,
     running,
     server_spec,
 )
+from mnist_service.settings import Settings
 from mnist_service.tools.images import png_bytes, test_digit, user_digit
-from mnist_service.tools.stress import Payload, build_payload
+from mnist_service.tools.stress import Payload
 
-OUT = REPO / "benchmarks" / "out"
-SERVERS_TEXT = (
-    "Servers: **ours** with its defaults (2 workers, micro-batching, PNGs decoded with libspng); "
-    "**baseline**, `benchmarks/baseline_server.py`: async FastAPI with an UploadFile, PIL decoding as the "
-    "earlier projects did, the service's own normalisation, one forward pass per request on the event loop; "
-    "**litserve**: LitServe with batching on and exactly the service's preprocessing (libspng included)."
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVER_TEXT = {
+    "ours": "**ours** with its defaults (2 workers, micro-batching, PNGs decoded with libspng); multipart uploads.",
+    "baseline": "**baseline**, `benchmarks/baseline_server.py`: async FastAPI with an UploadFile, PIL decoding as "
+    "the earlier projects did, the service's own normalisation, one forward pass per request on the event loop; "
+    "multipart uploads.",
+    "litserve": "**litserve**, `benchmarks/litserve_server.py`: LitServe {litserve} with batching on (up to 32, "
+    "2 ms timeout), one worker with 1 torch thread, and exactly the service's preprocessing (libspng included); "
+    "multipart uploads.",
+    "torchserve": "**torchserve**: TorchServe {torchserve} (Java frontend, Python workers) serving a .mar that "
+    "torch-model-archiver builds from the same TorchScript file, handler `benchmarks/torchserve_handler.py` "
+    "(the service's preprocessing, one forward pass per batch, 1 torch thread per worker); model config "
+    "`minWorkers: 2, maxWorkers: 2, batchSize: 32, maxBatchDelay: 5` (ms), `job_queue_size` = our MAX_QUEUE "
+    "({max_queue}), token auth off, system metrics off, log level WARN (its default logging writes ~1.5 KB per "
+    "request); a lone request waits out the 5 ms batch delay; the raw PNG as the body of "
+    "`POST /predictions/mnist` (`Content-Type: image/png`), its API.",
+    "bentoml": "**bentoml**, `benchmarks/bentoml_service.py`: BentoML {bentoml}, `@bentoml.service(workers=2)`, "
+    "`@bentoml.api(batchable=True, max_batch_size=32)` (adaptive batching: it holds each batch about as long as "
+    "its recent batches waited, queueing included, so after a busy point a lone client waits tens of ms), the "
+    "service's preprocessing, 1 torch thread per worker; multipart uploads (field `file`, as ours), each answer a "
+    "JSON list of one prediction.",
+}
 
 
 def digit_image(path: Path | None) -> Path:
-    """The image every request uploads: the given file, or test digit 0 drawn black on white."""
+    """The photo-like image: the given file, or test digit 0 drawn black on white on a 400x300 page."""
     if path is not None:
         return path
     out = OUT / "digit.png"
@@ -59,28 +76,49 @@ def digit_image(path: Path | None) -> Path:
     return out
 
 
-def measure(tool: str, url: str, image: Path, payload: Payload, concurrency: int, duration_s: float) -> Measurement:
+def mnist_image() -> Path:
+    """Test digit 0 as MNIST has it, 28x28 white on black: what most API clients send."""
+    out = OUT / "mnist28.png"
+    out.write_bytes(png_bytes(Image.fromarray(test_digit(0)[0])))
+    return out
+
+
+IMAGES = {
+    "mnist28": ("a 28x28 MNIST PNG (test digit 0, white on black, as most API clients send)", mnist_image),
+    "photo400": ("a 400x300 photo-like PNG (the same digit drawn black on white, larger, off-centre)",
+                 lambda: digit_image(None)),
+}
+
+
+def measure(tool: str, url: str, payload: Payload, concurrency: int, duration_s: float) -> Measurement:
     if tool == "stress":
-        return run_stress(url, image, concurrency, duration_s, OUT / "stress.json")
-    return run_hey(url, payload, OUT / "body.bin", concurrency, duration_s)
+        return run_stress(url, payload, OUT / "request.bin", concurrency, duration_s, OUT / "stress.json")
+    return run_hey(url, payload, OUT / "request.bin", concurrency, duration_s)
 
 
 def run_server(
-    name: str, spec_args: dict, image: Path, payload: Payload, tools: list[str], concurrencies: list[int],
+    name: str, spec_args: dict, images: dict[str, Path], tools: list[str], concurrencies: list[int],
     duration_s: float, log_name: str,
-) -> dict[tuple[str, int], Measurement]:
-    """Start one server, warm it up, measure every tool x concurrency point, stop it."""
+) -> dict[tuple[str, str, int], Measurement]:
+    """Start one server, warm it up, measure every image x tool x concurrency point, stop it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     spec = server_spec(name, spec_args["model"], port, **spec_args.get("extra", {}))
+    payloads = {image: spec.payload(path.read_bytes()) for image, path in images.items()}
     results = {}
-    with running(spec, url, payload, OUT / log_name):
-        run_hey(url, payload, OUT / "body.bin", 32, min(2.0, duration_s))  # warm-up, not recorded
-        for tool in tools:
-            for c in concurrencies:
-                results[tool, c] = m = measure(tool, url, image, payload, c, duration_s)
-                print(f"  {name:<9}{tool:<7}c={c:<4}{m.rps:>8.0f} req/s  p50 {m.p50_ms:7.2f}  "
-                      f"p99 {m.p99_ms:7.2f} ms  errors {m.errors}", flush=True)
+    with running(spec, url, next(iter(payloads.values())), OUT / log_name) as pid:
+        for payload in payloads.values():
+            run_hey(url, payload, OUT / "request.bin", 32, min(2.0, duration_s))  # warm-up, not recorded
+        for image, payload in payloads.items():
+            for tool in tools:
+                for c in concurrencies:
+                    before = cpu_seconds(pid)
+                    m = measure(tool, url, payload, c, duration_s)
+                    answered = m.requests - m.errors
+                    cpu_ms = (cpu_seconds(pid) - before) * 1000 / answered if answered else float("nan")
+                    results[image, tool, c] = m = dataclasses.replace(m, cpu_ms=cpu_ms)
+                    print(f"  {name:<11}{image:<9}{tool:<7}c={c:<4}{m.rps:>8.0f} req/s  p50 {m.p50_ms:7.2f}  "
+                          f"p99 {m.p99_ms:7.2f} ms  cpu {m.cpu_ms:6.2f} ms/req  errors {m.errors}", flush=True)
     return results
 
 
@@ -91,60 +129,83 @@ def median_of(rounds: list[Measurement]) -> Measurement:
         rps=statistics.median(m.rps for m in rounds),
         p50_ms=statistics.median(m.p50_ms for m in rounds),
         p99_ms=statistics.median(m.p99_ms for m in rounds),
+        cpu_ms=statistics.median(m.cpu_ms for m in rounds),
     )
+
+
+def peer_versions() -> dict[str, str]:
+    """The installed version of each peer whose venv exists, '-' for the others."""
+    versions = {}
+    for name, venv in VENVS.items():
+        versions[name] = "-"
+        if venv.python.exists():
+            code = f"from importlib.metadata import version; print(version({name!r}))"
+            found = subprocess.run([venv.python, "-c", code], capture_output=True, text=True)
+            versions[name] = found.stdout.strip() if found.returncode == 0 else "-"
+    return versions
 
 
 def machine() -> list[str]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")
-    litserve = subprocess.run(
-        [LITSERVE_VENV / "bin" / "python", "-c", "import litserve; print(litserve.__version__)"],
-        capture_output=True, text=True,
-    ).stdout.strip()
+    peers = peer_versions()
     hey = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "hey"], capture_output=True, text=True).stdout
+    java = ["-"]
+    if shutil.which("java"):
+        java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()
     return [
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         f"- CPU: {cpu}, {os.cpu_count()} cores (nproc), load average at start {os.getloadavg()[0]:.2f}",
-        f"- Python {platform.python_version()}, torch {torch.__version__}, LitServe {litserve}, hey {hey}",
+        f"- Python {platform.python_version()}, torch {torch.__version__}, LitServe {peers['litserve']}, "
+        f"TorchServe {peers['torchserve']}, BentoML {peers['bentoml']}, hey {hey}",
+        f"- Java (TorchServe's frontend): {java[0]}",
     ]
 
 
-def table(agg: dict[tuple[str, str, int], Measurement], servers: list[str], tools: list[str], cs: list[int]) -> str:
+def _num(x: float, suffix: str = "") -> str:
+    """A table cell; hey gives no p99 under 100 requests, which shows as n/a."""
+    return "n/a" if math.isnan(x) else f"{x:.2f}{suffix}"
+
+
+def table(agg: dict[tuple[str, str, str, int], Measurement], image: str, servers: list[str], tools: list[str],
+          cs: list[int]) -> str:
     lines = [
-        "| server | tool | concurrency | req/s | p50 ms | p99 ms | errors / requests |",
-        "|---|---|--:|--:|--:|--:|--:|",
+        "| server | tool | concurrency | req/s | p50 ms | p99 ms | server CPU ms / request | errors / requests |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     for tool in tools:
         for c in cs:
             for s in servers:
-                m = agg[s, tool, c]
-                lines.append(f"| {s} | {tool} | {c} | {m.rps:.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | "
-                             f"{m.errors} / {m.requests} |")
+                m = agg[s, image, tool, c]
+                lines.append(f"| {s} | {tool} | {c} | {m.rps:.0f} | {_num(m.p50_ms)} | {_num(m.p99_ms)} | "
+                             f"{_num(m.cpu_ms)} | {m.errors} / {m.requests} |")
     return "\n".join(lines)
 
 
-def ratios(agg: dict[tuple[str, str, int], Measurement], servers: list[str], tools: list[str], cs: list[int]) -> str:
-    others = [s for s in servers if s != "ours"]
-    head = "| tool | concurrency | " + " | ".join(f"req/s ours/{o} | p99 ours/{o}" for o in others) + " |"
-    lines = [head, "|---|--:|" + "--:|--:|" * len(others)]
-    for tool in tools:
-        for c in cs:
-            ours = agg["ours", tool, c]
-            cells = [f"{ours.rps / agg[o, tool, c].rps:.2f}x | {ours.p99_ms / agg[o, tool, c].p99_ms:.2f}"
-                     for o in others]
-            lines.append(f"| {tool} | {c} | " + " | ".join(cells) + " |")
+def ratios(agg: dict[tuple[str, str, str, int], Measurement], image: str, servers: list[str], tools: list[str],
+           cs: list[int]) -> str:
+    lines = [
+        "| other | tool | concurrency | req/s ours/other | p99 ours/other | CPU per request ours/other |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
+    for other in (s for s in servers if s != "ours"):
+        for tool in tools:
+            for c in cs:
+                ours, them = agg["ours", image, tool, c], agg[other, image, tool, c]
+                lines.append(f"| {other} | {tool} | {c} | {_num(ours.rps / them.rps, 'x')} | "
+                             f"{_num(ours.p99_ms / them.p99_ms)} | {_num(ours.cpu_ms / them.cpu_ms)} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/mnist_cnn.pt"))
-    parser.add_argument("--image", type=Path, help="image to upload (default: test digit 0, black on white)")
+    parser.add_argument("--images", nargs="+", choices=IMAGES, default=list(IMAGES))
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 32, 128])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per tool x concurrency point")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per image x tool x concurrency point")
     parser.add_argument("--litserve-threads", type=int, default=1, help="torch threads in LitServe's worker")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 2 s points")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results.md")
@@ -154,46 +215,57 @@ def main() -> None:
 
     OUT.mkdir(parents=True, exist_ok=True)
     ensure_hey()
-    if "litserve" in args.servers:
-        ensure_litserve_venv()
-    image = digit_image(args.image)
-    payload = build_payload(image.read_bytes(), "multipart")
+    for name in args.servers:
+        ensure_server(name)
+    images = {name: IMAGES[name][1]() for name in args.images}
     header = machine()
-    spec_args = {"model": args.model, "extra": {}}
 
-    raw: dict[tuple[str, str, int], list[Measurement]] = {}
+    raw: dict[tuple[str, str, str, int], list[Measurement]] = {}
     for r in range(args.rounds):
         for name in args.servers:
             print(f"round {r + 1}/{args.rounds}: {name}", flush=True)
             extra = {"litserve_threads": args.litserve_threads} if name == "litserve" else {}
             results = run_server(
-                name, {**spec_args, "extra": extra}, image, payload, args.tools, args.concurrency, args.duration,
+                name, {"model": args.model, "extra": extra}, images, args.tools, args.concurrency, args.duration,
                 f"{name}-{r + 1}.log",
             )
-            for (tool, c), m in results.items():
-                raw.setdefault((name, tool, c), []).append(m)
+            for (image, tool, c), m in results.items():
+                raw.setdefault((name, image, tool, c), []).append(m)
 
     agg = {key: median_of(ms) for key, ms in raw.items()}
     rows = [
-        {"server": s, "tool": t, "concurrency": c, "rounds": [m.as_dict() for m in ms]} for (s, t, c), ms in raw.items()
+        {"server": s, "image": i, "tool": t, "concurrency": c, "rounds": [m.as_dict() for m in ms]}
+        for (s, i, t, c), ms in raw.items()
     ]
     (OUT / "run.json").write_text(json.dumps(rows, indent=2) + "\n")
-    results_table = table(agg, args.servers, args.tools, args.concurrency)
-    ratio_table = ratios(agg, args.servers, args.tools, args.concurrency) if "ours" in args.servers else ""
-    print(results_table, ratio_table, sep="\n\n")
     command = "python -m benchmarks.run " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if k not in ("quick", "results", "image") and v is not None
+        for k, v in vars(args).items() if k not in ("quick", "results") and v is not None
     )
+    sections = []
+    for image in args.images:
+        size = len(images[image].read_bytes())
+        sections += [f"## {image}: {IMAGES[image][0]}, {size} bytes", table(agg, image, args.servers, args.tools,
+                                                                            args.concurrency)]
+        if "ours" in args.servers and len(args.servers) > 1:
+            sections += [f"### {image}: ours / other (req/s: higher is better; p99 and CPU per request: lower is "
+                         "better)", ratios(agg, image, args.servers, args.tools, args.concurrency)]
+    print("\n\n".join(sections))
+    versions = {**peer_versions(), "max_queue": Settings().max_queue}
     args.results.write_text("\n\n".join([
-        "# Serving benchmark: ours vs a plain FastAPI baseline vs LitServe",
+        "# Serving benchmark: ours vs a plain FastAPI baseline, LitServe, TorchServe and BentoML",
         "\n".join(header),
-        f"Command: `{command}`. Multipart PNG uploads of {image.name} ({len(image.read_bytes())} bytes) on "
-        f"loopback; {args.rounds} round(s) of {args.duration:g} s per point, servers alternated; "
-        "medians over rounds, errors and requests summed. The load generator runs on the same 2 cores.",
-        SERVERS_TEXT,
-        "## Results", results_table,
-        "## Ratios (ours / other: req/s higher is better, p99 lower is better)", ratio_table,
+        f"Command: `{command}`. On loopback; {args.rounds} round(s) of {args.duration:g} s per point, servers "
+        "alternated; medians over rounds, errors and requests summed. The load generators run on the same 2 "
+        "cores. **stress** is the service's own load generator (`mnist_service/tools/stress.py`, what "
+        "stress_testing.py runs), started by `benchmarks/stress_client.py` so that it posts each server's own "
+        "request; **hey** posts the same bytes. **Server CPU ms / request**: user + system CPU of every process "
+        "of the server (its session and descendants, from /proc; reaped children through cutime/cstime) during "
+        "the point, over the requests answered 200. Requests: ours, baseline, LitServe and BentoML get a "
+        "multipart upload (what `curl -F` sends, the historic numbers); TorchServe gets the raw PNG body, as its "
+        "API takes it.",
+        "Servers: " + " ".join(SERVER_TEXT[s].format(**versions) for s in args.servers),
+        *sections,
     ]) + "\n")
     print(f"wrote {args.results}")
 

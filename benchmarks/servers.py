@@ -1,36 +1,78 @@
-"""The three servers under test: how to install, start, wait for and stop each one."""
+"""The servers under test: how to install, start, wait for and stop each one, and what each is sent."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
-from mnist_service.tools.stress import Payload
+from benchmarks import torchserve_setup
+from benchmarks.server_cpu import alive, server_pids
+from mnist_service.settings import Settings
+from mnist_service.tools.stress import Payload, build_payload
 
 REPO = Path(__file__).resolve().parent.parent
-LITSERVE_VENV = REPO / ".venv-litserve"
-# What LitServe's venv shares with the service (its preprocessing imports these), at the
-# service's pins; torch in the same pip command, so pip never swaps in another (CUDA) build.
-_SHARED = ("torch", "pillow", "numpy", "pyspng", "python-multipart")
-LITSERVE_PINS = (
-    "litserve==0.2.19",
-    *(
+OUT = REPO / "benchmarks" / "out"
+SERVERS = ("ours", "baseline", "litserve", "torchserve", "bentoml")
+
+
+def _service_pins(*names: str) -> tuple[str, ...]:
+    """The service's own pins of these packages, from requirements.txt."""
+    return tuple(
         line.strip()
         for line in (REPO / "requirements.txt").read_text().splitlines()
-        if line.split("==")[0].strip().lower() in _SHARED
+        if line.split("==")[0].strip().lower() in names
+    )
+
+
+@dataclass(frozen=True)
+class Venv:
+    """A peer's own venv: its pins clash with the service's, or drag in what the service does not need."""
+
+    path: Path
+    pins: tuple[str, ...]
+    imports: str  # what must import for the venv to count as installed
+
+    @property
+    def python(self) -> Path:
+        return self.path / "bin" / "python"
+
+
+# What each peer's venv shares with the service (its preprocessing imports these; mnist_service.errors
+# imports starlette, which LitServe and BentoML bring along) is at the service's pins, torch in the same
+# pip command, so pip never swaps in another (CUDA) build. bentoml 1.4.40 needs a certifi newer than
+# the registry mirror here has.
+VENVS = {
+    "litserve": Venv(
+        REPO / ".venv-litserve",
+        ("litserve==0.2.19", *_service_pins("torch", "pillow", "numpy", "pyspng", "python-multipart")),
+        "litserve, multipart, pyspng",
     ),
-)
-SERVERS = ("ours", "baseline", "litserve")
+    "torchserve": Venv(
+        REPO / ".venv-torchserve",
+        (
+            "torchserve==0.12.0", "torch-model-archiver==0.12.0", "pyyaml==6.0.3", "packaging==26.3",
+            *_service_pins("torch", "pillow", "numpy", "pyspng", "starlette"),
+        ),
+        "ts, model_archiver, yaml, pyspng, starlette",
+    ),
+    "bentoml": Venv(
+        REPO / ".venv-bentoml",
+        ("bentoml==1.4.39", *_service_pins("torch", "pillow", "numpy", "pyspng")),
+        "bentoml, pyspng",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -38,32 +80,71 @@ class ServerSpec:
     name: str
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    # What a request is: a multipart upload (field `file`, what `curl -F` sends) or the raw PNG body.
+    body: Literal["multipart", "raw"] = "multipart"
+    path: str = "/predict"
+
+    def payload(self, image: bytes) -> Payload:
+        """The request this server is sent for `image`."""
+        if self.body == "raw":
+            return Payload(self.path, image, "image/png")
+        return replace(build_payload(image, "multipart"), path=self.path)
+
+
+def _apt_install(package: str) -> None:
+    if subprocess.run(["apt-get", "install", "-y", package], capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update"], check=True, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", package], check=True, capture_output=True)
 
 
 def ensure_hey() -> None:
     """Install Debian's hey if it is missing."""
-    if shutil.which("hey"):
-        return
-    if subprocess.run(["apt-get", "install", "-y", "hey"], capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "hey"], check=True, capture_output=True)
+    if not shutil.which("hey"):
+        _apt_install("hey")
 
 
-def ensure_litserve_venv() -> Path:
-    """Create .venv-litserve with the pinned LitServe and the service's torch; return its python."""
-    python = LITSERVE_VENV / "bin" / "python"
-    if python.exists() and subprocess.run([python, "-c", "import litserve, multipart, pyspng"]).returncode == 0:
-        return python
-    subprocess.run([sys.executable, "-m", "venv", LITSERVE_VENV], check=True)
-    pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, *LITSERVE_PINS], check=True)
-    return python
+def ensure_java() -> None:
+    """Install Debian's Java 17 runtime if it is missing: TorchServe's frontend is Java."""
+    if not shutil.which("java"):
+        _apt_install("openjdk-17-jre-headless")
+
+
+def ensure_venv(name: str) -> Path:
+    """Create the peer's venv with its pinned packages unless they already import; return its python."""
+    venv = VENVS[name]
+    if venv.python.exists() and subprocess.run([venv.python, "-c", f"import {venv.imports}"]).returncode == 0:
+        return venv.python
+    subprocess.run([sys.executable, "-m", "venv", venv.path], check=True)
+    pip = [venv.python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, *venv.pins], check=True)
+    return venv.python
+
+
+def ensure_server(name: str) -> None:
+    """Whatever `name` needs that the service's venv does not have."""
+    if name in VENVS:
+        ensure_venv(name)
+    if name == "torchserve":
+        ensure_java()
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free on 127.0.0.1 right now."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def server_spec(
     name: str, model: Path, port: int, *, env: dict[str, str] | None = None, litserve_threads: int = 1
 ) -> ServerSpec:
-    """The command line of one server, listening on 127.0.0.1:port."""
+    """The command line of one server, listening on 127.0.0.1:port. TorchServe's files are written here."""
     host = ["--host", "127.0.0.1", "--port", str(port)]
     if name == "ours":
         # No drain window: the benchmark stops the server only when it is idle.
@@ -78,10 +159,25 @@ def server_spec(
         )
     if name == "litserve":
         command = [
-            str(LITSERVE_VENV / "bin" / "python"), "benchmarks/litserve_server.py", "--model", str(model), *host,
+            str(VENVS["litserve"].python), "benchmarks/litserve_server.py", "--model", str(model), *host,
             "--threads", str(litserve_threads),
         ]
         return ServerSpec(name, command, {"PYTHONPATH": str(REPO)})
+    if name == "torchserve":
+        workdir = OUT / "torchserve"
+        ports = [p for p in free_ports(6) if p != port][:5]
+        others = dict(zip(("management", "metrics", "grpc_inference", "grpc_management", "worker"), ports, strict=True))
+        command = torchserve_setup.prepare(
+            VENVS["torchserve"].path, model.resolve(), {"inference": port, **others}, Settings().max_queue, workdir
+        )
+        env = {"PYTHONPATH": str(REPO), **torchserve_setup.environment(workdir)}
+        return ServerSpec(name, command, env, body="raw", path=f"/predictions/{torchserve_setup.MODEL_NAME}")
+    if name == "bentoml":
+        command = [str(VENVS["bentoml"].path / "bin" / "bentoml"), "serve", "benchmarks.bentoml_service:MnistService",
+                   *host]
+        return ServerSpec(
+            name, command, {"PYTHONPATH": str(REPO), "MODEL_PATH": str(model), "BENTOML_DO_NOT_TRACK": "true"}
+        )
     raise ValueError(f"unknown server {name!r}: pick one of {SERVERS}")
 
 
@@ -100,10 +196,10 @@ def _answers(url: str, payload: Payload) -> bool:
 def running(spec: ServerSpec, url: str, payload: Payload, log_path: Path, timeout_s: float = 180) -> Iterator[int]:
     """Start the server, wait until it answers a real prediction, yield its pid, stop it."""
     with log_path.open("wb") as log:
-        # A session of its own, so that stopping it also stops LitServe's worker processes.
+        # A session of its own, so that stopping it also stops its worker processes.
         proc = subprocess.Popen(
-            spec.command, cwd=REPO, env={**os.environ, **spec.env}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            spec.command, cwd=REPO, env={**os.environ, **spec.env}, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
             deadline = time.monotonic() + timeout_s
@@ -119,17 +215,27 @@ def running(spec: ServerSpec, url: str, payload: Payload, log_path: Path, timeou
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    for sig, wait_s in ((signal.SIGINT, 20), (signal.SIGKILL, 10)):
+    """SIGINT the session (SIGKILL after 20 s), wait up to 10 s for the rest of the server, SIGKILL what is left.
+
+    BentoML's workers run in sessions of their own, so the process tree is listed first. TorchServe's
+    launcher exits at once and leaves Java to stop its workers: wait, so the next server starts alone.
+    """
+    pids = server_pids(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    # The leader has been reaped: its pid is not ours any more. Its session's members still carry its id.
+    rest = (set(pids) | set(server_pids(proc.pid))) - {proc.pid}
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in rest) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in rest:
         try:
-            os.killpg(proc.pid, sig)
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait_s)
-            # The leader is gone; make sure its worker processes are too.
-            os.killpg(proc.pid, signal.SIGKILL)
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
-        return
+            pass

@@ -62,11 +62,11 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from benchmarks.overload import free_port, wait_ready
-from mnist_service.client import ServerNotReady, wait_until_ready
-from mnist_service.images import noise_image, png_bytes, test_digit, user_digit
-from mnist_service.server import worker_pids
+from mnist_service.process.server import worker_pids
 from mnist_service.settings import Settings
-from mnist_service.stress import Connection, build_payload
+from mnist_service.tools.client import ServerNotReady, wait_until_ready
+from mnist_service.tools.images import noise_image, png_bytes, test_digit, user_digit
+from mnist_service.tools.stress import Connection, build_payload
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data" / "mnist"
