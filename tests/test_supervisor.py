@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from mnist_service.process.server import worker_pids
-from mnist_service.tools.images import png_bytes, test_digit
+from mnist_service.tools.images import png_bytes
+from mnist_service.tools.images import test_digit as mnist_digit
 from mnist_service.tools.stress import Connection, build_payload
 
 from .conftest import DATA_DIR, exit_code_within, running
@@ -98,7 +99,7 @@ class _Load(threading.Thread):
         self.results: list[tuple[float, str]] = []  # (wall-clock time, status or error name)
 
     def run(self) -> None:
-        payload = build_payload(png_bytes(Image.fromarray(test_digit(0, DATA_DIR)[0])), "raw")
+        payload = build_payload(png_bytes(Image.fromarray(mnist_digit(0, DATA_DIR)[0])), "raw")
 
         async def client() -> None:
             connection = Connection(self.url, payload, timeout_s=10)
