@@ -65,7 +65,7 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         incoming = _header(scope, b"x-request-id")
         # 128 random bits as 32 hex digits, like uuid4().hex without its os.urandom() system call
-        # (random is seeded from the OS in each process): 4% of a worker's CPU under load. A request
+        # (random is seeded from the OS in each process): 4% of a worker's profile under load. A request
         # id names a request in logs; it is no secret and guards nothing.
         if incoming and _SAFE_ID.match(incoming):
             request_id = incoming
