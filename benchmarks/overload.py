@@ -22,7 +22,6 @@ import io
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,15 +37,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.servers import free_port  # noqa: E402
 from mnist_service.settings import Settings  # noqa: E402
 from mnist_service.tools.client import ServerNotReady, wait_until_ready  # noqa: E402
 from mnist_service.tools.images import png_bytes, test_digit, user_digit  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:

@@ -17,8 +17,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.run import OUT, digit_image, free_port
-from benchmarks.servers import ensure_hey, running, server_spec
+from benchmarks.run import OUT, digit_image
+from benchmarks.servers import ensure_hey, free_port, running, server_spec
 from mnist_service.process.server import worker_pids
 from mnist_service.tools.stress import build_payload
 

@@ -61,7 +61,8 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image, ImageFilter
 
-from benchmarks.overload import free_port, wait_ready
+from benchmarks.overload import wait_ready
+from benchmarks.servers import free_port
 from mnist_service.process.server import worker_pids
 from mnist_service.settings import Settings
 from mnist_service.tools.client import ServerNotReady, wait_until_ready
