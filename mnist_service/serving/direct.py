@@ -8,38 +8,25 @@ they need of that is our middleware and the mapping of their errors to answers. 
 of a worker at 128 concurrent uploads put the layers in between at about a third of its samples;
 skipping them cut the server's CPU per 28x28 upload from 0.58 to 0.45 ms (benchmarks/profile.md).
 
-`ServiceApp.serve_directly(path, ...)` sends POSTs to those routes through the app's own user
-middleware (the same classes, options and order as every other request) straight to the
-endpoint, and maps what it raises with the app's own exception handlers, as ExceptionMiddleware
-would. Everything else (other routes and methods, trailing slashes, a root path, lifespan) takes
-FastAPI's way unchanged, and the routes stay registered, so OpenAPI describes them as before.
+`ServiceApp.serve_directly(router, path, ...)` sends POSTs to those routes through the app's own
+user middleware (the same classes, options and order as every other request) and Starlette's
+ExceptionMiddleware with the app's own exception handlers, straight to the endpoint. Everything
+else (other routes and methods, trailing slashes, a root path, lifespan) takes FastAPI's way
+unchanged, and the routes stay registered, so OpenAPI describes them as before.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-Handler = Callable[[Request, Exception], Any]
-
-
-def handler_for(handlers: Mapping[Any, Handler], exc: Exception) -> Handler | None:
-    """The exception handler Starlette's ExceptionMiddleware would pick: by status code, then by class."""
-    if isinstance(exc, HTTPException) and exc.status_code in handlers:
-        return handlers[exc.status_code]
-    for cls in type(exc).__mro__:
-        if cls in handlers:
-            return handlers[cls]
-    return None
 
 
 class ServiceApp(FastAPI):
@@ -82,26 +69,17 @@ class ServiceApp(FastAPI):
         await self._direct_stack(scope, receive, send)
 
     def _build_direct_stack(self) -> ASGIApp:
-        # As Starlette's build_middleware_stack: handlers for 500 and Exception belong to
+        # As Starlette's build_middleware_stack, less the router: the user middleware around
+        # ExceptionMiddleware with the app's handlers. Those for 500 and Exception belong to
         # ServerErrorMiddleware, which the direct path leaves to our own middleware.
         handlers = {k: v for k, v in self.exception_handlers.items() if k not in (500, Exception)}
 
         async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-            request = Request(scope, receive, send)
             call: Callable[[Request], Awaitable[Response]] = scope["route"].endpoint
-            try:
-                response = await call(request)
-            except Exception as exc:
-                handler = handler_for(handlers, exc)
-                if handler is None:
-                    raise
-                if inspect.iscoroutinefunction(handler):
-                    response = await handler(request, exc)
-                else:
-                    response = await run_in_threadpool(handler, request, exc)
+            response = await call(Request(scope, receive, send))
             await response(scope, receive, send)
 
-        app: ASGIApp = endpoint
+        app: ASGIApp = ExceptionMiddleware(endpoint, handlers=handlers)
         for cls, args, kwargs in reversed(self.user_middleware):
             app = cls(app, *args, **kwargs)
         return app
