@@ -365,7 +365,7 @@ def _writes_for(request: bytes, then: bytes = b"") -> _RecordingTransport:
     import uvicorn
     from uvicorn.server import ServerState
 
-    from mnist_service.process.protocol import guarded_protocol
+    from mnist_service.serving.protocol import guarded_protocol
 
     async def run() -> _RecordingTransport:
         config = uvicorn.Config(app=_asgi_demo, log_config=None, server_header=False, date_header=False)

@@ -32,7 +32,7 @@ import uvicorn
 from mnist_service.inference.integrity import ModelLoadError
 from mnist_service.logconfig import configure_logging
 from mnist_service.process.handoff import Dispatcher, Receiver, WorkerLink
-from mnist_service.process.protocol import guarded_protocol
+from mnist_service.serving.protocol import guarded_protocol
 from mnist_service.registry.repository import RepositoryError, check_servable
 from mnist_service.settings import Settings
 

@@ -22,7 +22,7 @@ from mnist_service.inference import model as model_lib
 from mnist_service.inference.predictor import InferenceFailed, Predictor
 from mnist_service.inference.preprocess import image_to_digit
 from mnist_service.metrics import Metrics
-from mnist_service.process.protocol import InFlight
+from mnist_service.serving.protocol import InFlight
 from mnist_service.registry.registry import Registry
 from mnist_service.registry.repository import VersionFiles
 from mnist_service.serving.direct import ServiceApp

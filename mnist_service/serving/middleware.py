@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mnist_service.errors import PayloadTooLarge, RequestTimeout, error_body
 from mnist_service.logconfig import REQUEST_CONTEXT, trace_context
 from mnist_service.metrics import Metrics
-from mnist_service.process.protocol import CLIENT_GONE
+from mnist_service.serving.protocol import CLIENT_GONE
 
 access_log = logging.getLogger("mnist_service.access")
 logger = logging.getLogger(__name__)
