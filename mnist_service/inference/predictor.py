@@ -78,6 +78,7 @@ class Predictor:
         # would wait out their whole deadline after the batcher is gone.
         self._current: list[_Item] = []
         self._computing = False  # a forward pass is running on the inference thread
+        self._forward_started = 0.0  # when the running forward pass began (perf_counter)
         self._waiting = 0  # callers awaiting a queued request's answer
         self._last_arrival = 0.0
         self.ready = False
@@ -134,6 +135,19 @@ class Predictor:
             if not item.future.done():
                 item.future.set_exception(ModelNotReady("the server is shutting down; retry"))
         self._executor.shutdown(wait=True)
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the batcher has been stuck: in one forward pass, or not taking up queued work; 0 when idle.
+
+        For the worker's heartbeat: a forward pass that never returns leaves the event loop turning,
+        so only this tells a hung model from a healthy worker. `now` is a time.perf_counter() reading.
+        """
+        if self._computing:
+            return now - self._forward_started
+        if self._queue.empty() or self._task is None:
+            return 0.0
+        # Work is queued but no pass runs: the batcher takes it within a loop turn, unless it is dead.
+        return now - self._last_arrival if self._task.done() else 0.0
 
     def busy(self) -> bool:
         """Requests are waiting for a forward pass: optional work (shadow runs) should stand aside."""
@@ -297,7 +311,7 @@ class Predictor:
         if not live:
             return
         digits = np.concatenate([it.digits for it in live])
-        started = time.perf_counter()
+        started = self._forward_started = time.perf_counter()
         self._computing = True
         try:
             probs = await asyncio.get_running_loop().run_in_executor(self._executor, self.forward, digits)
