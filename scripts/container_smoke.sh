@@ -119,7 +119,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mnist_service.training.data import load_split
+from mnist_service.data import load_split
 
 out = Path(sys.argv[1])
 test = load_split("data/mnist", "test")

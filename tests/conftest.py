@@ -21,11 +21,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from mnist_service.data import load_split
 from mnist_service.registry.repository import METADATA_FILE, MODEL_FILE, Repository
 from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings
 from mnist_service.tools.client import ServerNotReady, wait_until_ready
-from mnist_service.training.data import load_split
 from mnist_service.training.train import TrainParams, run
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_service.training.data import IdxFormatError, load_split, parse_idx
+from mnist_service.data import IdxFormatError, load_split, parse_idx
 
 from .conftest import DATA_DIR
 

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 
 from mnist_service.errors import error_body
 from mnist_service.inference import model as model_lib
+from mnist_service.inference.images import noise_image, png_bytes
 from mnist_service.inference.predictor import InferenceFailed, Predictor
 from mnist_service.inference.preprocess import image_to_digit
 from mnist_service.metrics import Metrics
@@ -29,7 +30,6 @@ from mnist_service.serving.direct import ServiceApp
 from mnist_service.serving.middleware import RequestContextMiddleware
 from mnist_service.serving.routes import health, predict, repository, v2, web
 from mnist_service.settings import Settings
-from mnist_service.tools.images import noise_image, png_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from mnist_service.training.data import load_split
+from mnist_service.data import load_split
+from mnist_service.inference.images import noise_image, png_bytes
+
+# png_bytes and noise_image live with the preprocessing they feed; the client tools use them from here too.
+__all__ = ["DATA_DIR", "noise_image", "png_bytes", "test_digit", "user_digit"]
 
 DATA_DIR = Path("data/mnist")
-
-
-def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def noise_image(size: int = 28, seed: int = 0) -> Image.Image:
-    """Uniform random grey noise, as the original utils made: the model must answer, not crash."""
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L")
 
 
 def user_digit(

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from mnist_service.data import load_split
 from mnist_service.inference import model as model_lib
+from mnist_service.inference.images import png_bytes
 from mnist_service.inference.preprocess import image_to_digit
 from mnist_service.monitoring import drift
 from mnist_service.registry.repository import MODEL_FILE, Repository
-from mnist_service.tools.images import png_bytes
-from mnist_service.training.data import load_split
 
 logger = logging.getLogger(__name__)
 
