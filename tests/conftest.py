@@ -98,6 +98,23 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
+# Two forward passes of the same image agree to about 1e-7 when the batch around it differs (the
+# kernels sum in another order, and differently with or without AVX-512): never compare exactly.
+PROBABILITY_TOLERANCE = 1e-5
+
+
+def same_answer(a: object, b: object, tolerance: float = PROBABILITY_TOLERANCE) -> bool:
+    """Two JSON answers are equal: every key, string, int and digit exactly, floats within `tolerance`."""
+    if isinstance(a, float) or isinstance(b, float):
+        both_numbers = isinstance(a, int | float) and isinstance(b, int | float)
+        return both_numbers and not isinstance(a, bool) and not isinstance(b, bool) and abs(a - b) <= tolerance
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_answer(a[k], b[k], tolerance) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same_answer(x, y, tolerance) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
 def metric_samples(app: FastAPI, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     """The app's samples of one metric, keyed by their sorted (label, value) pairs."""
     return {

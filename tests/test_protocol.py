@@ -188,7 +188,7 @@ def test_a_request_whose_client_left_while_queued_is_not_computed(
     computed = _slow_model(server, 0.6)
     # As under load: no request is alone, so both go through the batcher's queue (a lone request
     # would run inline, on the event loop).
-    monkeypatch.setattr(server.app.state, "in_flight", SimpleNamespace(alone=lambda: False))
+    monkeypatch.setattr(server.app.state.dataplane, "in_flight", SimpleNamespace(alone=lambda: False))
     _abandon_a_queued_request(server, computed)
 
 

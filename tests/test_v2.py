@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -251,10 +252,14 @@ def test_draining_makes_readiness_fail(client: TestClient) -> None:
 
 
 def _failing(client: TestClient, error: Exception, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def predict(digits: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        raise error
+    def submit(digits: np.ndarray, *, alone: bool = False) -> asyncio.Future[np.ndarray]:
+        if isinstance(error, Overloaded):
+            raise error  # a full queue refuses at once
+        failed: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        failed.set_exception(error)  # a failed forward pass fails the request's future
+        return failed
 
-    monkeypatch.setattr(client.app.state.registry.default.predictor, "predict", predict)
+    monkeypatch.setattr(client.app.state.registry.default.predictor, "submit", submit)
 
 
 def test_overload_keeps_its_503_and_retry_after(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:

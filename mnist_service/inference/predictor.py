@@ -13,8 +13,10 @@ and the two thread hops cost more than the forward pass itself.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +30,11 @@ from mnist_service.metrics import Metrics, observe_many
 from mnist_service.monitoring import drift
 
 logger = logging.getLogger(__name__)
+
+# Retry-After bounds, and the service rate assumed before any batch was measured (requests/s).
+_MAX_RETRY_AFTER_S = 30
+_INITIAL_RATE = 100.0
+_RATE_WEIGHT = 0.2  # of each new measurement in the moving average
 
 # The longest forward pass of one image (the median, timed at warm-up) that may run inline, on the event loop.
 INLINE_MAX_S = 0.002
@@ -79,7 +86,14 @@ class Predictor:
         self._current: list[_Item] = []
         self._computing = False  # a forward pass is running on the inference thread
         self._forward_started = 0.0  # when the running forward pass began (perf_counter)
-        self._waiting = 0  # callers awaiting a queued request's answer
+        # Every queued request not yet answered, oldest first (answered ones leave lazily): a lone
+        # request may run inline only when this is empty, and its head's deadline is the next to check.
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Requests answered per second while busy (a moving average): what Retry-After is computed from.
+        self._service_rate = _INITIAL_RATE
+        self._last_done = 0.0
         self._last_arrival = 0.0
         self.ready = False
         self.inline = False  # whether a lone request may run inline: set by warm_up(), which times it
@@ -119,11 +133,15 @@ class Predictor:
         self.inline = sorted(lone)[len(lone) // 2] <= INLINE_MAX_S
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="batcher")
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -168,34 +186,66 @@ class Predictor:
             await asyncio.sleep(0.05)
         await self.stop()
 
-    async def predict(self, digits: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        """Queue digits (n, 28, 28), white on black in pixel units 0-255, and await probabilities (n, 10).
+    def submit(self, digits: np.ndarray, *, alone: bool = False) -> asyncio.Future[np.ndarray]:
+        """Queue digits (n, 28, 28), white on black in pixel units 0-255: a future of probabilities (n, 10).
 
-        `alone`: the caller knows no other request is in flight in this process. If the batcher is
-        idle too, the forward pass runs right here on the event loop, which then has nothing else to do.
+        Callers that can't await (the HTTP hot path) add a done-callback; cancelling the future drops
+        the queued work. `alone`: the caller knows no other request is in flight in this process. If
+        the batcher is idle too, the forward pass runs right here on the event loop, which then has
+        nothing else to do, and the future comes back already done.
         """
         if not self.ready:
             raise ModelNotReady()
+        loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
         now = self._last_arrival = time.perf_counter()
-        if alone and self.inline and not self._waiting and not self._computing:
-            return self._forward_inline(digits, now)
-        loop = asyncio.get_running_loop()
-        item = _Item(digits, now, now + self.request_timeout, loop.create_future())
+        pending = self._pending
+        while pending and pending[0].future.done():
+            pending.popleft()
+        if alone and self.inline and not pending and not self._computing:
+            future.set_result(self._forward_inline(digits, now))
+            return future
+        item = _Item(digits, now, now + self.request_timeout, future)
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
             self.metrics.rejected.labels("queue_full").inc()
             raise Overloaded(
-                f"the inference queue is full ({self._queue.maxsize} requests waiting); retry shortly"
+                f"the inference queue is full ({self._queue.maxsize} requests waiting); retry in "
+                f"{self.retry_after()}s", self.retry_after(),
             ) from None
-        # A timer on the future rather than asyncio.wait_for(shield(...)): two fewer tasks per request.
-        timer = loop.call_at(loop.time() + self.request_timeout, self._expire, item.future)
-        self._waiting += 1
-        try:
-            return await item.future
-        finally:
-            self._waiting -= 1
-            timer.cancel()
+        # Deadlines: one timer for the oldest unanswered request, not one per request.
+        pending.append(item)
+        if self._sweeper is None:
+            self._sweeper = loop.call_at(loop.time() + self.request_timeout, self._sweep)
+        return future
+
+    async def predict(self, digits: np.ndarray, *, alone: bool = False) -> np.ndarray:
+        """`submit`, awaited: the probabilities (n, 10)."""
+        return await self.submit(digits, alone=alone)
+
+    def retry_after(self) -> int:
+        """Whole seconds until the queue ahead of a new request has likely cleared, from the measured rate."""
+        backlog = self._queue.qsize() + len(self._current)
+        return max(1, min(_MAX_RETRY_AFTER_S, math.ceil(backlog / self._service_rate)))
+
+    def _sweep(self) -> None:
+        """Answer 503 to every request past its deadline, then sleep until the next one's."""
+        self._sweeper = None
+        pending, now = self._pending, time.perf_counter()
+        while pending and (pending[0].future.done() or pending[0].deadline <= now):
+            item = pending.popleft()
+            if not item.future.done():  # the batcher skips finished items
+                self.metrics.rejected.labels("deadline").inc()
+                item.future.set_exception(
+                    Overloaded(
+                        f"no answer within the {self.request_timeout:g}s deadline; the server is overloaded, "
+                        f"retry in {self.retry_after()}s", self.retry_after(),
+                    )
+                )
+        if pending and self._loop is not None:
+            delay = pending[0].deadline - now
+            self._sweeper = self._loop.call_at(self._loop.time() + delay, self._sweep)
 
     def _forward_inline(self, digits: np.ndarray, arrival: float) -> np.ndarray:
         """One request's forward pass on the calling thread, recorded like a batch of its own."""
@@ -207,15 +257,6 @@ class Predictor:
             raise InferenceFailed("forward pass failed") from None
         self._record([started - arrival], started, probs, digits)
         return probs
-
-    def _expire(self, future: asyncio.Future[np.ndarray]) -> None:
-        if not future.done():  # the batcher skips finished items
-            self.metrics.rejected.labels("deadline").inc()
-            future.set_exception(
-                Overloaded(
-                    f"no answer within the {self.request_timeout:g}s deadline; the server is overloaded, retry shortly"
-                )
-            )
 
     def _export_reference(self) -> None:
         """The drift reference in this version's metadata, as gauges; a model trained before it has none."""
@@ -243,6 +284,15 @@ class Predictor:
         observe_many(self._confidence, probs.max(1))
         for name, values in drift.input_statistics(digits).items():
             observe_many(self._inputs[name], values)
+
+    def _measure_rate(self, answered: int, started: float, first_arrival: float) -> None:
+        """Fold one batch into the service rate: over the time since the previous batch ended if the
+        batcher was busy all along (queue, loop and model together), else over the pass alone."""
+        done = time.perf_counter()
+        busy_since = self._last_done if self._last_done >= first_arrival else started
+        self._last_done = done
+        sample = answered / max(done - busy_since, 1e-6)
+        self._service_rate += _RATE_WEIGHT * (sample - self._service_rate)
 
     async def _get_within(self, timeout: float) -> _Item | None:
         # Not asyncio.wait_for(queue.get()): on Python 3.11 a timeout racing a put can drop
@@ -305,7 +355,10 @@ class Predictor:
             if it.future.done():  # the caller gave up (deadline) while it queued
                 continue
             if it.deadline <= now:
-                it.future.set_exception(Overloaded("the request expired in the queue; retry shortly"))
+                self.metrics.rejected.labels("deadline").inc()
+                it.future.set_exception(
+                    Overloaded(f"the request expired in the queue; retry in {self.retry_after()}s", self.retry_after())
+                )
                 continue
             live.append(it)
         if not live:
@@ -324,6 +377,7 @@ class Predictor:
         finally:
             self._computing = False
         self._record([now - it.arrival for it in live], started, probs, digits)
+        self._measure_rate(len(live), started, live[0].arrival)
         offset = 0
         for it in live:
             n = len(it.digits)

@@ -23,9 +23,9 @@ from mnist_service.inference.images import noise_image, png_bytes
 from mnist_service.inference.predictor import InferenceFailed, Predictor
 from mnist_service.inference.preprocess import image_to_digit
 from mnist_service.metrics import Metrics
-from mnist_service.serving.protocol import InFlight
 from mnist_service.registry.registry import Registry
 from mnist_service.registry.repository import VersionFiles
+from mnist_service.serving.dataplane import DataPlane, InFlight
 from mnist_service.serving.direct import ServiceApp
 from mnist_service.serving.middleware import RequestContextMiddleware
 from mnist_service.serving.routes import health, predict, repository, v2, web
@@ -64,6 +64,7 @@ async def lifespan(app: ServiceApp) -> AsyncIterator[None]:
     await asyncio.to_thread(image_to_digit, png_bytes(noise_image(64)))
     app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     app.state.registry = registry
+    app.state.dataplane = DataPlane(registry, app.state.in_flight)
     # Everything loaded so far (torch, the model, FastAPI's routes) lives as long as the process.
     # Freezing it keeps the garbage collector's full passes from walking ~200,000 objects: those
     # passes stalled a worker for 80 ms every few seconds under load, which was the p99.

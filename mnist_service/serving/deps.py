@@ -3,7 +3,7 @@
 All are `async def` although none awaits: FastAPI runs a plain `def` dependency in a worker
 thread, and four thread hops per request were a measurable share of the server's CPU.
 The upload routes, the hot path, skip dependency injection (it cost them ~80 us a request)
-and call the plain functions here directly: `serving_version` and `check_api_key`.
+and call the plain functions here directly: `resolve_target` and `check_api_key`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from mnist_service.errors import ModelNotReady, Unauthorized
 from mnist_service.metrics import Metrics
 from mnist_service.registry.registry import Registry, Version
+from mnist_service.serving.dataplane import DataPlane, Target
 from mnist_service.settings import Settings
 
 
@@ -33,30 +34,35 @@ VERSION_DOC = (
 )
 
 
-def alone(request: Request) -> bool:
-    """No other request is in flight in this worker: the predictor may answer this one inline."""
-    return request.app.state.in_flight.alone()
-
-
 def get_registry(request: Request) -> Registry:
     """The app's registry of model versions, or a 503 while the app starts."""
-    registry: Registry | None = getattr(request.app.state, "registry", None)
-    if registry is None:
+    return get_dataplane(request).registry
+
+
+def get_dataplane(request: Request) -> DataPlane:
+    """The app's data plane, or a 503 while the app starts (the lifespan builds it with the registry)."""
+    dataplane: DataPlane | None = getattr(request.app.state, "dataplane", None)
+    if dataplane is None:
         raise ModelNotReady()
-    return registry
+    return dataplane
 
 
-def serving_version(request: Request, requested: str | None) -> Version:
-    """The ready version a request asked for, recorded for the response header and the metrics."""
-    version = get_registry(request).resolve(requested)
+def record_version(request: Request, version: Version) -> None:
+    """Note the version that answers, for the X-Model-Version header and the metrics."""
     request.state.model_version = version.name
-    return version
 
 
-async def get_version(
+def resolve_target(request: Request, requested: str | None) -> Target:
+    """The data plane's target for a request that named `requested`, recorded for the answer."""
+    target = get_dataplane(request).target(requested)
+    record_version(request, target.version)
+    return target
+
+
+async def get_target(
     request: Request, version: Annotated[str | None, Query(description=VERSION_DOC, max_length=64)] = None
-) -> Version:
-    return serving_version(request, version)
+) -> Target:
+    return resolve_target(request, version)
 
 
 async def get_metrics(request: Request) -> Metrics:
@@ -113,7 +119,8 @@ API_KEY_SECURITY = [{_bearer.scheme_name: []}, {_api_key_header.scheme_name: []}
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-VersionDep = Annotated[Version, Depends(get_version)]
+TargetDep = Annotated[Target, Depends(get_target)]
+DataPlaneDep = Annotated[DataPlane, Depends(get_dataplane)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 DecodePoolDep = Annotated[ThreadPoolExecutor, Depends(get_decode_pool)]

@@ -22,6 +22,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from mnist_service.serving.dataplane import InFlight
+
 # The message a request's task is cancelled with when its client hangs up: the middleware tells
 # this cancellation (answered 499) from a shutdown's.
 CLIENT_GONE = "client disconnected"
@@ -31,23 +33,6 @@ _TIMEOUT = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"content-length: " + str(len(_TIMEOUT_BODY)).encode() + b"\r\n\r\n" + _TIMEOUT_BODY
 )
-
-
-class InFlight:
-    """The requests a worker is answering, as its HTTP protocol knows them: uvicorn's set of request
-    tasks, which every connection of a server shares. A task is in it from the moment the request's
-    headers are read, before the app has started on it, so requests that arrived together are
-    counted together. Unknown (empty) when the app runs under something else, such as a TestClient.
-    """
-
-    __slots__ = ("tasks",)
-
-    def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[Any]] = set()
-
-    def alone(self) -> bool:
-        """Exactly one request is in flight: the caller's own."""
-        return len(self.tasks) == 1
 
 
 class _HeadWithBody:

@@ -19,9 +19,9 @@ from starlette.exceptions import HTTPException
 
 from mnist_service.errors import ModelNotReady, NotFound, UnsupportedMediaType
 from mnist_service.inference.predictor import InferenceFailed
-from mnist_service.registry.registry import Version
 from mnist_service.serving import v2_codec
-from mnist_service.serving.deps import RegistryDep, SettingsDep, alone, require_api_key, serving_version
+from mnist_service.serving.dataplane import Target
+from mnist_service.serving.deps import DataPlaneDep, RegistryDep, SettingsDep, require_api_key, resolve_target
 from mnist_service.serving.schemas import ErrorResponse, error_responses
 from mnist_service.serving.v2_schemas import (
     InferenceRequest,
@@ -179,9 +179,9 @@ def _version(
     """Declares the path parameter; `_requested` resolves it, for both routes of an endpoint."""
 
 
-def _requested(request: Request) -> Version:
+def _requested(request: Request) -> Target:
     """The version named in the path, or the default one."""
-    return serving_version(request, request.path_params.get("model_version"))
+    return resolve_target(request, request.path_params.get("model_version"))
 
 
 def _add(suffix: str, endpoint: Callable[..., Any], method: str, **kwargs: Any) -> None:
@@ -197,9 +197,9 @@ def _add(suffix: str, endpoint: Callable[..., Any], method: str, **kwargs: Any) 
 
 async def model_metadata(request: Request, registry: RegistryDep, settings: SettingsDep) -> ModelMetadata:
     """Name, versions (every loaded one; or the one in the path), platform and the tensors."""
-    version = _requested(request)
-    pinned = "model_version" in request.path_params
-    versions = [version.name] if pinned else [v.name for v in registry.ready()]
+    target = _requested(request)
+    version = target.version
+    versions = [version.name] if target.pinned else [v.name for v in registry.ready()]
     image = {"FP32": "pixel / 255 in [0, 1]", "UINT8": "pixels 0-255"}
     return ModelMetadata(
         name=settings.model_name,
@@ -235,13 +235,12 @@ async def model_ready(request: Request, settings: SettingsDep) -> ModelReady:
     reason = _unready_reason(request)
     if reason is not None:
         raise ModelNotReady(reason)
-    version = _requested(request)
-    return ModelReady(name=settings.model_name, version=version.name, ready=True)
+    return ModelReady(name=settings.model_name, version=_requested(request).version.name, ready=True)
 
 
 async def infer(
     request: Request,
-    registry: RegistryDep,
+    dataplane: DataPlaneDep,
     settings: SettingsDep,
     inference_header_content_length: Annotated[
         int | None,
@@ -256,11 +255,9 @@ async def infer(
     parsed = v2_codec.parse_request(header)
     digits = v2_codec.decode_input(parsed.inputs[0], binary, settings.max_batch_files)
     outputs = v2_codec.requested_outputs(parsed)
-    version = _requested(request)
-    probs = await version.serving().predict(digits, alone=alone(request))
-    if "model_version" not in request.path_params:
-        registry.shadow(version, digits, probs)
-    body, header_length = v2_codec.encode_response(probs, outputs, settings.model_name, version.name, parsed.id)
+    target = _requested(request)
+    probs = await dataplane.infer(target, digits)
+    body, header_length = v2_codec.encode_response(probs, outputs, settings.model_name, target.version.name, parsed.id)
     if header_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
