@@ -12,7 +12,7 @@ IMAGE ?= mnist-service:1.0.0
 # The Dockerfile's trainer target (the Job in k8s/overlays/repository): IMAGE's tag.
 TRAINER_IMAGE ?= mnist-trainer:$(lastword $(subst :, ,$(IMAGE)))
 
-.PHONY: run test train lint bench bench-quick image image-test clean
+.PHONY: run test train lint docs bench bench-quick image image-test clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,8 +71,15 @@ bench: $(VENV)/.runtime $(MODEL)
 bench-quick: $(VENV)/.runtime $(MODEL)
 	$(PY) -m benchmarks.run --model $(MODEL) --quick --results benchmarks/out/results-quick.md
 
+# ruff, the import layers of pyproject.toml ([tool.importlinter]) and the generated docs (see `docs`).
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) scripts/gen_docs.py --check
+
+# Rewrites the reference tables that mirror code: docs/configuration.md (Settings) and docs/metrics.md.
+docs: $(VENV)/.runtime
+	$(PY) scripts/gen_docs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
