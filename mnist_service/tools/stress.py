@@ -3,8 +3,8 @@
 The whole request (line, headers, body) is encoded once up front and replayed on keep-alive
 HTTP/1.1 connections by a minimal client (`Connection`), so the tester spends its CPU on the
 socket, not on building requests: on a shared 2-core box the client competes with the server.
-httpx cost about 0.8 ms of client CPU per request (this one 55 us), which capped what the
-tester could measure.
+httpx cost many times this client's CPU per request, which capped what the tester could measure
+(the figures are in docs/performance.md).
 """
 
 from __future__ import annotations
