@@ -49,7 +49,7 @@ COMPOSE_SCHEMA = TOOLS_BIN.parent / "share" / "compose" / "compose_spec.json"
 JOB = "mnist-service"  # the scrape job the alerts expect
 # Not the service's metrics: kube-state-metrics' (the HPA) and Prometheus's own `up`.
 NOT_OURS = re.compile(r"kube_.*|up")
-# Sample names of every metric family of the contract (README, Metrics): a live scrape has each.
+# Sample names of every metric family of the contract (docs/metrics.md): a live scrape has each.
 FAMILIES = {
     "mnist_requests_total", "mnist_request_latency_seconds_bucket", "mnist_inference_seconds_bucket",
     "mnist_batch_size_bucket", "mnist_queue_depth", "mnist_queue_wait_seconds_bucket", "mnist_rejected_total",
@@ -149,7 +149,7 @@ def test_alerts_say_who_acts_and_how() -> None:
     for rule in _rules("alert"):
         name, annotations = rule["alert"], rule["annotations"]
         assert rule["labels"]["severity"] in {"critical", "warning"}, name
-        assert set(annotations) == {"summary", "description"}, name
+        assert set(annotations) == {"summary", "description", "runbook_url"}, name  # tests/test_docs.py: the url
         assert ":" in annotations["summary"] and "\n" not in annotations["summary"], name
         description = annotations["description"]
         assert "\n1. " in description and "\n2. " in description, f"{name}: the description has no numbered steps"
