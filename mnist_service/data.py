@@ -62,7 +62,7 @@ def _find(data_dir: Path, stem: str) -> Path:
         if (data_dir / name).is_file():
             return data_dir / name
     raise FileNotFoundError(
-        f"MNIST file {stem}(.gz) not found in {data_dir}; copy the IDX files there (see data/README.md)"
+        f"MNIST file {stem}(.gz) not found in {data_dir}; copy the IDX files there (see data/mnist/README.md)"
     )
 
 
