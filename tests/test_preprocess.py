@@ -284,3 +284,72 @@ def test_arbitrary_small_images_give_a_digit_or_a_clean_rejection(
     except InvalidInput:
         return
     assert out.shape == (28, 28) and out.dtype == np.uint8
+
+
+def _digit_or_error(grey: np.ndarray) -> np.ndarray | str:
+    try:
+        return normalize_digit(grey)
+    except InvalidInput as exc:
+        return str(exc)
+
+
+def _assert_same_digit(a: np.ndarray | str, b: np.ndarray | str) -> None:
+    if isinstance(a, str) or isinstance(b, str):
+        assert a == b
+    else:
+        np.testing.assert_array_equal(a, b)
+
+
+def _user_images(digits: np.ndarray) -> list[np.ndarray]:
+    """8-bit grey images of every kind normalize_digit treats differently: MNIST as it is and inverted,
+    digits drawn small (enlarged), pages (reduced), unevenly lit pages (local background)."""
+    images = []
+    for i, digit in enumerate(digits):
+        images += [digit, 255 - digit]
+        side = 6 + i % 14
+        small = np.zeros((28, 28), dtype=np.uint8)
+        small[i % 5 : i % 5 + side, 2 : 2 + side] = np.asarray(Image.fromarray(digit).resize((side, side)))
+        images.append(small)
+        if i % 10 == 0:
+            page = np.asarray(user_digit(digit, scale=2 + i % 5, canvas=(160, 120)))
+            light = np.linspace(0.6, 1.0, page.shape[1])
+            images += [page, (page * light).astype(np.uint8)]
+    return images
+
+
+def test_grey_levels_and_float_pixels_give_the_same_digit(test_digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """8-bit grey images take a per-grey-level shortcut; float pixels take the per-pixel path. Both must agree."""
+    for image in _user_images(test_digits[0][:300]):
+        _assert_same_digit(_digit_or_error(image), _digit_or_error(image.astype(np.float32)))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(1, 70),
+    st.integers(1, 70),
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.integers(0, 2**32 - 1),
+)
+def test_any_grey_image_gives_the_same_digit_by_levels_as_by_pixels(
+    width: int, height: int, background: int, ink: int, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    image = np.full((height, width), background, dtype=np.uint8)
+    strokes = rng.random((height, width)) < rng.random()
+    image[strokes] = np.clip(ink + rng.integers(-40, 41, int(strokes.sum())), 0, 255)
+    _assert_same_digit(_digit_or_error(image), _digit_or_error(image.astype(np.float32)))
+
+
+def test_strided_and_transposed_arrays_give_the_digit_of_their_copy(seven: np.ndarray) -> None:
+    page = np.asarray(user_digit(seven, scale=2, canvas=(100, 80)))
+    for view in (seven.T, seven[::-1], page[::2, 1::2], page.T):
+        for grey in (view, np.asfortranarray(view, dtype=np.float32)):
+            np.testing.assert_array_equal(normalize_digit(grey), normalize_digit(np.ascontiguousarray(grey)))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P"])
+def test_decode_image_gives_float32_grey_levels(seven: np.ndarray, mode: str) -> None:
+    grey = preprocess.decode_image(png_bytes(Image.fromarray(seven).convert(mode)))
+    assert grey.dtype == np.float32 and grey.shape == (28, 28)
+    np.testing.assert_array_equal(grey, seven)  # grey levels, whole numbers: exact on any CPU
