@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mnist_service.process.handoff import Dispatcher, Receiver
+from mnist_service.process.handoff import BEAT_INTERVAL_S, LATE_AFTER_S, Dispatcher, Receiver
 
 
 @pytest.fixture
@@ -139,3 +139,77 @@ def test_a_worker_whose_supervisor_is_gone_is_told_so(dispatcher: Dispatcher) ->
 
     assert asyncio.run(scenario())
     assert dispatcher.links[0].ready.value == 0
+
+
+def test_a_late_worker_gets_no_connections_until_it_beats_again(dispatcher: Dispatcher) -> None:
+    now = time.monotonic()
+    for link in dispatcher.links:
+        link.ready.value = 1
+        link.beat.value = now
+    dispatcher.links[0].beat.value = now - 2 * LATE_AFTER_S  # its loop has not turned for a while
+    clients = _connect(dispatcher, 4)
+    _hand_out(dispatcher, 4)
+    assert [_received(dispatcher, 0), _received(dispatcher, 1)] == [0, 4]
+    dispatcher.links[0].beat.value = time.monotonic()  # it beats again: back in the rotation
+    clients += _connect(dispatcher, 2)
+    _hand_out(dispatcher, 6)
+    assert [_received(dispatcher, 0), _received(dispatcher, 1)] == [2, 0]
+    for c in clients:
+        c.close()
+
+
+def test_connections_wait_while_every_ready_worker_is_late(dispatcher: Dispatcher) -> None:
+    for link in dispatcher.links:
+        link.ready.value = 1
+        link.beat.value = time.monotonic() - 2 * LATE_AFTER_S
+    clients = _connect(dispatcher, 2)
+    for _ in range(3):
+        dispatcher.poll(timeout=0.02)
+    assert dispatcher.open_connections() == [0, 0]  # in the backlog, not on a worker that would not answer
+    dispatcher.links[1].beat.value = time.monotonic()
+    _hand_out(dispatcher, 2)
+    assert dispatcher.open_connections() == [0, 2]
+    for c in clients:
+        c.close()
+
+
+def test_a_worker_beats_while_its_loop_turns_and_says_what_is_stuck(dispatcher: Dispatcher) -> None:
+    link = dispatcher.links[0]
+    receiver = Receiver(link, timeout_s=1.0)
+    stuck = (0.0, "")
+
+    async def settle() -> None:
+        await asyncio.sleep(2 * BEAT_INTERVAL_S)
+
+    async def scenario() -> list[tuple[bool, float, bytes]]:
+        nonlocal stuck
+        seen = []
+
+        def look() -> None:
+            now = time.monotonic()
+            seen.append((link.on_time(now), round(link.silent_for(now)), link.doing.value))
+
+        receiver.start(asyncio.get_running_loop(), _Echo, stuck=lambda: stuck)
+        await settle()
+        look()  # a forward pass well within the timeout is healthy work
+        stuck = (0.6, "forward pass of version 1 running for 0.6s")
+        await settle()
+        look()
+        stuck = (5.0, "forward pass of version 1 running for 5.0s")  # over timeout_s: hung since it began
+        await settle()
+        look()
+        stuck = (0.0, "")  # it returned after all
+        await settle()
+        look()
+        time.sleep(2 * LATE_AFTER_S)  # the loop itself stops turning
+        look()
+        receiver.stop()
+        return seen
+
+    assert asyncio.run(scenario()) == [
+        (True, 0, b""),
+        (True, 0, b""),
+        (False, 5, b"forward pass of version 1 running for 5.0s"),
+        (True, 0, b""),
+        (False, 2, b""),
+    ]

@@ -18,6 +18,11 @@ A worker holds at most `max_connections` at once: when every ready worker is at 
 supervisor answers the new connection 503 itself and closes it, so a flood of idle clients can
 exhaust neither the workers' file descriptors nor their memory. A worker that dies is taken out
 of the rotation the moment its channel breaks, and `replace` gives its successor a fresh link.
+
+A worker that hangs (stopped, stuck in a C call, a forward pass that never returns) keeps its
+channel open, so each ready worker also beats: its event loop stamps the time in shared memory
+every BEAT_INTERVAL_S, and the hand-off skips a worker whose stamp is over LATE_AFTER_S old.
+Killing it, once silent for WORKER_TIMEOUT_S, is the supervisor's part (server.py).
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _TOKEN = b"c"
+BEAT_INTERVAL_S = 0.25
+# Four beats missed: a loop turn never takes that long in a healthy worker, even under a burst.
+LATE_AFTER_S = 1.0
+_DOING_BYTES = 200  # room for one line on what a hung worker was doing
 # What a connection over the cap gets: a complete answer the client can act on, written at once.
 _BUSY_BODY = b'{"detail":"the server is at its connection limit (MAX_CONNECTIONS per worker); retry shortly"}'
 _BUSY = (
@@ -48,9 +57,9 @@ _BUSY = (
 class WorkerLink:
     """What a supervisor and one worker share: the fd channel and counters in shared memory.
 
-    Each counter has a single writer at a time, so none needs a lock: `ready`, `closed` and
-    `shed_done` are written by the worker (and `ready` cleared by the supervisor once the worker
-    is gone), `shed_asked` by the supervisor, which counts what it sent itself.
+    Each value has a single writer at a time, so none needs a lock: `ready`, `closed`, `shed_done`,
+    `beat` and `doing` are written by the worker (and `ready` cleared by the supervisor once the
+    worker is gone or hung), `shed_asked` by the supervisor, which counts what it sent itself.
     """
 
     channel: socket.socket  # the worker's end of a SOCK_SEQPACKET pair
@@ -58,6 +67,17 @@ class WorkerLink:
     closed: Any  # multiprocessing Value('q'): connections the worker has finished with
     shed_asked: Any  # multiprocessing Value('q'): connections the supervisor asked it to close, in all
     shed_done: Any  # multiprocessing Value('q'): connections it has closed for that, in all
+    beat: Any  # multiprocessing Value('d'): time.monotonic() when the worker was last seen healthy; 0 before
+    doing: Any  # multiprocessing Array('c'): what a worker that stopped beating was stuck in, if it knows
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the worker last proved healthy (`now` from time.monotonic()); 0 before its first beat."""
+        beat = self.beat.value
+        return now - beat if beat else 0.0
+
+    def on_time(self, now: float) -> bool:
+        """Ready, and beating: the hand-off may give it a connection."""
+        return bool(self.ready.value) and self.silent_for(now) <= LATE_AFTER_S
 
 
 class Dispatcher:
@@ -95,8 +115,9 @@ class Dispatcher:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)  # a stuck worker must never block the accept loop
         context = self._context
-        ready, *counters = (context.Value(kind, 0, lock=False) for kind in "bqqq")
-        return ours, WorkerLink(theirs, ready, *counters)
+        ready, *counters = (context.Value(kind, 0, lock=False) for kind in "bqqqd")
+        doing = context.Array("c", _DOING_BYTES, lock=False)
+        return ours, WorkerLink(theirs, ready, *counters, doing)
 
     def replace(self, worker: int) -> WorkerLink:
         """A fresh link for the successor of a dead worker; the old channel and counts are dropped."""
@@ -121,7 +142,8 @@ class Dispatcher:
 
         Called from the supervisor's loop; a request already pending is not asked again.
         """
-        ready = [i for i, link in enumerate(self.links) if link.ready.value]
+        now = time.monotonic()
+        ready = [i for i, link in enumerate(self.links) if link.on_time(now)]
         if len(ready) < 2:
             return
         load = self.open_connections()
@@ -134,8 +156,9 @@ class Dispatcher:
                 link.shed_asked.value += excess
 
     def poll(self, timeout: float) -> None:
-        """Wait up to `timeout` for connections and hand them out; waits idle while no worker is ready."""
-        if not self.accepting or not any(link.ready.value for link in self.links):
+        """Wait up to `timeout` for connections and hand them out; waits idle while no worker is ready and beating."""
+        now = time.monotonic()
+        if not self.accepting or not any(link.on_time(now) for link in self.links):
             # Connections wait in the kernel's backlog until a worker can take them.
             time.sleep(timeout)
             return
@@ -162,8 +185,9 @@ class Dispatcher:
         load = self.open_connections()
         order = sorted(range(n), key=lambda i: (load[i], (i - self._next) % n))
         self._next = (self._next + 1) % n
+        now = time.monotonic()
         for i in order:
-            if not self.links[i].ready.value:
+            if not self.links[i].on_time(now):  # loading, gone, or late: a connection there would wait
                 continue
             if load[i] >= self.max_connections:
                 break  # the least loaded is at the cap, so every ready worker is
@@ -201,14 +225,25 @@ class Dispatcher:
             end.close()
 
 
-class Receiver:
-    """The worker's side: take connections off the channel and serve them on this event loop."""
+def _not_stuck() -> tuple[float, str]:
+    return 0.0, ""
 
-    def __init__(self, link: WorkerLink) -> None:
+
+class Receiver:
+    """The worker's side: take connections off the channel and serve them on this event loop.
+
+    While it serves, it beats (see WorkerLink.beat) unless `stuck` reports work stuck for longer
+    than `timeout_s`: then it owns up to being hung since that work began, and says what it was.
+    """
+
+    def __init__(self, link: WorkerLink, timeout_s: float = float("inf")) -> None:
         self.link = link
+        self.timeout_s = timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._factory: Callable[[], asyncio.Protocol] | None = None
         self._orphaned: Callable[[], None] = lambda: None
+        self._stuck: Callable[[], tuple[float, str]] = _not_stuck
+        self._beater: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def counted(self, protocol_class: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
@@ -235,16 +270,40 @@ class Receiver:
         loop: asyncio.AbstractEventLoop,
         factory: Callable[[], asyncio.Protocol],
         orphaned: Callable[[], None] = lambda: None,
+        stuck: Callable[[], tuple[float, str]] = _not_stuck,
     ) -> None:
-        """Serve handed-off connections on `loop`; call `orphaned` if the supervisor goes away."""
-        self._loop, self._factory, self._orphaned = loop, factory, orphaned
+        """Serve handed-off connections on `loop` and beat; call `orphaned` if the supervisor goes away.
+
+        `stuck()` gives the seconds the worker's longest-running piece of work (a forward pass) has
+        run, and what it is; it is called on the loop at each beat.
+        """
+        self._loop, self._factory, self._orphaned, self._stuck = loop, factory, orphaned, stuck
         self.link.channel.setblocking(False)
         loop.add_reader(self.link.channel.fileno(), self._take)
+        self._beat()  # before `ready`: a ready worker always has a beat to judge it by
         self.link.ready.value = 1
+
+    def _beat(self) -> None:
+        if self._loop is None:  # stopped
+            return
+        now = time.monotonic()
+        stuck_for, doing = self._stuck()
+        if stuck_for > self.timeout_s:
+            # The loop turns but the work does not: healthy last when it began. Written once.
+            if not self.link.doing.value:
+                self.link.doing.value = doing.encode()[: len(self.link.doing) - 1]
+                self.link.beat.value = now - stuck_for
+        else:
+            if self.link.doing.value:
+                self.link.doing.value = b""
+            self.link.beat.value = now
+        self._beater = self._loop.call_later(BEAT_INTERVAL_S, self._beat)
 
     def stop(self) -> None:
         """Take no more connections; the ones already served finish under uvicorn's shutdown."""
         self.link.ready.value = 0
+        if self._beater is not None:
+            self._beater.cancel()
         if self._loop is not None:
             self._loop.remove_reader(self.link.channel.fileno())
             self._loop = None
