@@ -100,6 +100,11 @@ class Settings(BaseSettings):
         "replaced; one death more and the server exits non-zero (a crash loop is the orchestrator's to see).",
     )
     worker_restart_window_s: float = Field(60.0, gt=0, description="The window WORKER_RESTART_LIMIT counts in.")
+    worker_timeout_s: float = Field(
+        15.0, ge=1, description="A worker whose event loop stops turning, or whose forward pass runs, this long is "
+        "hung: it is killed and replaced (counted as a death). It gets no new connections after 1 s without a "
+        "heartbeat. Keep it over REQUEST_TIMEOUT_S and under the liveness probe's window (k8s/base/deployment.yaml).",
+    )
 
     shutdown_drain_seconds: float = Field(
         5.0, ge=0, description="After SIGTERM: keep serving this long while /readyz says 503."

@@ -31,9 +31,9 @@ import uvicorn
 
 from mnist_service.inference.integrity import ModelLoadError
 from mnist_service.logconfig import configure_logging
-from mnist_service.process.handoff import Dispatcher, Receiver, WorkerLink
-from mnist_service.serving.protocol import guarded_protocol
+from mnist_service.process.handoff import LATE_AFTER_S, Dispatcher, Receiver, WorkerLink
 from mnist_service.registry.repository import RepositoryError, check_servable
+from mnist_service.serving.protocol import guarded_protocol
 from mnist_service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,20 @@ class DrainingServer(uvicorn.Server):
             # What uvicorn's startup builds for its own listeners, with the close counter added.
             return protocol_class(config=config, server_state=self.server_state, app_state=self.lifespan.state)
 
-        self.receiver.start(asyncio.get_running_loop(), protocol_factory, self._orphaned)
+        self.receiver.start(asyncio.get_running_loop(), protocol_factory, self._orphaned, self._stuck)
+
+    def _stuck(self) -> tuple[float, str]:
+        """How long the longest-stuck batcher of this worker has been in one forward pass, and whose."""
+        now = time.perf_counter()
+        worst = (0.0, "")
+        for version in self.app.state.registry.held():
+            stuck_for = version.predictor.stalled_for(now) if version.predictor is not None else 0.0
+            if stuck_for > worst[0]:
+                worst = stuck_for, (
+                    f"in a stuck forward pass: model version {version.name}'s batcher busy for {stuck_for:.1f}s "
+                    "(a forward pass that does not return, or queued work it does not take up)"
+                )
+        return worst
 
     def _orphaned(self) -> None:
         logger.error("the supervisor process is gone: finishing in-flight requests and exiting")
@@ -204,7 +217,7 @@ def _run_worker(settings: Settings, stops: StopRequests | None = None, link: Wor
     from mnist_service.serving.api import create_app
 
     app = create_app(settings)
-    receiver = Receiver(link) if link is not None else None
+    receiver = Receiver(link, settings.worker_timeout_s) if link is not None else None
     config = _uvicorn_config(settings, app)
     server = DrainingServer(config, app, settings.shutdown_drain_seconds, stops, receiver)
     server.run()
@@ -226,6 +239,20 @@ def _death_cause(exitcode: int) -> str:
     return f"exit {exitcode}"
 
 
+_PROCESS_STATES = {
+    "R": "running", "S": "sleeping", "D": "waiting on I/O", "T": "stopped by a signal", "t": "stopped by a debugger",
+}
+
+
+def _process_state(pid: int) -> str:
+    """What Linux says a process is doing ('stopped by a signal' after SIGSTOP), from /proc."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return "unknown"
+    return _PROCESS_STATES.get(state, state)
+
+
 def _supervise(settings: Settings) -> int:
     """Run `settings.workers` server processes behind one listening socket.
 
@@ -237,9 +264,10 @@ def _supervise(settings: Settings) -> int:
 
     A worker that dies (an OOM kill, a crash in a native library) is replaced: the others keep
     serving while its successor loads, verifies and warms the model, and only then takes
-    connections. More than WORKER_RESTART_LIMIT deaths within WORKER_RESTART_WINDOW_S is a crash
-    loop: the server stops and exits 3, so the orchestrator sees a broken container rather than
-    one that flaps.
+    connections. A ready worker that stops beating (handoff.py) gets no new connections; silent for
+    WORKER_TIMEOUT_S it is hung: killed, and replaced the same way (cause "hung"). More than
+    WORKER_RESTART_LIMIT deaths within WORKER_RESTART_WINDOW_S is a crash loop: the server stops and
+    exits 3, so the orchestrator sees a broken container rather than one that flaps.
     """
     runtime_dir = Path(tempfile.mkdtemp(prefix="mnist-run-"))  # what the workers share
     metrics_dir = runtime_dir / "metrics"
@@ -267,6 +295,8 @@ def _supervise(settings: Settings) -> int:
 
     workers: list[multiprocessing.process.BaseProcess] = []
     deaths: collections.deque[float] = collections.deque()  # when workers died, within the window
+    late: set[int] = set()  # slots whose worker is skipped for a late beat, as last logged
+    hung: set[int] = set()  # pids killed for hanging: their deaths count as cause "hung"
     stopping = False
     crash_loop = False
     close_listener_at: float | None = None  # set by signals, acted on by the loop below
@@ -281,13 +311,41 @@ def _supervise(settings: Settings) -> int:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, sig)
 
+    def kill_hung() -> None:
+        now = time.monotonic()
+        for slot, worker in enumerate(workers):
+            link = dispatcher.links[slot]
+            if not link.ready.value or worker.pid is None or worker.exitcode is not None:
+                continue
+            silent = link.silent_for(now)
+            if silent > LATE_AFTER_S and slot not in late:
+                late.add(slot)
+                logger.warning("worker %s (pid %d) is late: no heartbeat for %.1fs; new connections go to "
+                               "the other workers", worker.name, worker.pid, silent)
+            elif silent <= LATE_AFTER_S and slot in late:
+                late.discard(slot)
+                logger.info("worker %s (pid %d) beats again: back in rotation", worker.name, worker.pid)
+            if silent > settings.worker_timeout_s:
+                doing = link.doing.value.decode(errors="replace") or "silent: its event loop stopped turning"
+                logger.error(
+                    "worker %s (pid %d) hung: no heartbeat for %.1fs (WORKER_TIMEOUT_S=%g); it was %s; its "
+                    "process is %s. Killing it (SIGKILL)", worker.name, worker.pid, silent,
+                    settings.worker_timeout_s, doing, _process_state(worker.pid),
+                )
+                link.ready.value = 0
+                hung.add(worker.pid)
+                late.discard(slot)
+                os.kill(worker.pid, signal.SIGKILL)  # reaped and replaced by replace_dead()
+
     def replace_dead() -> None:
         nonlocal crash_loop
         now = time.monotonic()
         for slot, worker in enumerate(workers):
             if worker.exitcode is None or worker.pid is None:
                 continue
-            cause = _death_cause(worker.exitcode)
+            cause = "hung" if worker.pid in hung else _death_cause(worker.exitcode)
+            hung.discard(worker.pid)
+            late.discard(slot)
             metrics.worker_deaths.labels(cause).inc()
             multiprocess.mark_process_dead(worker.pid)  # its live gauges (queue depth) no longer count
             deaths.append(now)
@@ -326,6 +384,7 @@ def _supervise(settings: Settings) -> int:
                 dispatcher.stop_accepting()
             dispatcher.poll(timeout=0.1)
             if not stopping:
+                kill_hung()
                 replace_dead()
                 dispatcher.rebalance()
     finally:
