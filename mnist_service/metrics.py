@@ -165,9 +165,14 @@ class SupervisorMetrics:
     def __init__(self) -> None:
         r = CollectorRegistry()
         self.worker_deaths = Counter(
-            "mnist_worker_deaths", "Worker processes that died unexpectedly, by cause (signal or exit code); "
-            "each is replaced until WORKER_RESTART_LIMIT.", ["cause"], registry=r,
+            "mnist_worker_deaths", "Worker processes that died unexpectedly, by cause (signal or exit code, or hung: "
+            "killed after WORKER_TIMEOUT_S without a heartbeat); each is replaced until WORKER_RESTART_LIMIT.",
+            ["cause"], registry=r,
         )
+        # At 0 from the start, so the panel shows a healthy server and increase() counts the first death.
+        # Other causes (a rarer signal, another exit code) appear when they first happen.
+        for cause in ("hung", "SIGKILL", "SIGSEGV", "SIGABRT", "exit 1"):
+            self.worker_deaths.labels(cause)
         self.connections_refused = Counter(
             "mnist_connections_refused",
             "Connections answered 503 at once because every worker held MAX_CONNECTIONS.", registry=r,
