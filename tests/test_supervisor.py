@@ -80,23 +80,29 @@ class _FreshReadiness(threading.Thread):
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
         self.url, self.results, self.stop = url, Counter[str](), threading.Event()
+        self.probes: list[tuple[float, str]] = []  # (wall-clock time the probe started, status or error name)
 
     def run(self) -> None:
         while not self.stop.wait(0.02):
+            started = time.time()
             try:
-                self.results[str(httpx.get(f"{self.url}/readyz", timeout=5).status_code)] += 1
+                outcome = str(httpx.get(f"{self.url}/readyz", timeout=5).status_code)
             except httpx.HTTPError as exc:
-                self.results[type(exc).__name__] += 1
+                outcome = type(exc).__name__
+            self.results[outcome] += 1
+            self.probes.append((started, outcome))
 
 
 class _Load(threading.Thread):
     """Steady load: `concurrency` keep-alive connections (the stress tester's client) sending a raw
-    PNG upload in a closed loop, recording when each answer (or failure) came back."""
+    PNG upload in a closed loop, recording when each answer (or failure) came back. It stops after
+    `seconds`, or sooner when `stop` is set."""
 
     def __init__(self, url: str, concurrency: int, seconds: float) -> None:
         super().__init__(daemon=True)
         self.url, self.concurrency, self.seconds = url, concurrency, seconds
         self.results: list[tuple[float, str]] = []  # (wall-clock time, status or error name)
+        self.stop = threading.Event()
 
     def run(self) -> None:
         payload = build_payload(png_bytes(Image.fromarray(mnist_digit(0, DATA_DIR)[0])), "raw")
@@ -104,7 +110,7 @@ class _Load(threading.Thread):
         async def client() -> None:
             connection = Connection(self.url, payload, timeout_s=10)
             end = time.monotonic() + self.seconds
-            while time.monotonic() < end:
+            while time.monotonic() < end and not self.stop.is_set():
                 status = await connection.send()
                 self.results.append((time.time(), status))
             await connection.close()
