@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from mnist_service.process.handoff import LATE_AFTER_S
 from mnist_service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +195,21 @@ def test_probes_use_named_container_port(base: list[dict[str, Any]]) -> None:
         http_get = container[probe]["httpGet"]
         assert http_get["path"] == path, probe
         assert isinstance(http_get["port"], str) and http_get["port"] in port_names, probe
+
+
+def test_a_hung_worker_is_replaced_before_the_probes_would_act(base: list[dict[str, Any]]) -> None:
+    """The supervisor skips a worker LATE_AFTER_S without a heartbeat and kills it after WORKER_TIMEOUT_S
+    (the comments at the probes in deployment.yaml say why these numbers must agree)."""
+    container = _container(_one(base, "Deployment"))
+    settings = _settings(base)
+    liveness, readiness = container["livenessProbe"], container["readinessProbe"]
+    # A forward pass over the request deadline has failed its requests: only then may it count as hung.
+    assert settings.worker_timeout_s > settings.request_timeout_s
+    # Every worker hung at once: replaced (killed, then a start-up of about 10 s) before the pod is restarted.
+    assert settings.worker_timeout_s <= liveness["periodSeconds"] * liveness["failureThreshold"] / 2
+    # A probe can reach a hung worker only before it is skipped, so never two probes in a row.
+    for probe in (liveness, readiness):
+        assert probe["periodSeconds"] > LATE_AFTER_S and probe["failureThreshold"] >= 2
 
 
 def test_container_port_matches_configured_port(base: list[dict[str, Any]]) -> None:
