@@ -132,6 +132,11 @@ class Metrics:
             "Connections closed with 408 because a request's headers did not arrive within HEADER_TIMEOUT_S.",
             registry=r,
         )
+        self.heads_refused = Counter(
+            "mnist_heads_refused",
+            "Requests answered 431 and closed because their headers were over MAX_HEADER_BYTES or MAX_HEADERS.",
+            registry=r,
+        )
         # A gauge fixed at 1, not an Info: multiprocess mode cannot aggregate Info metrics.
         self.model_info = Gauge(
             "mnist_model_info", "1 for each model version loaded and ready (0 once unloaded), with its labels.",

@@ -80,6 +80,15 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(64, ge=1, description="Files accepted by /predict/batch and v2 N.")
     decode_threads: int = Field(2, ge=1, description="Threads that decode uploaded images.")
 
+    hot_path: bool = Field(
+        True, description="Answer POST /predict and the v2 infer routes in the HTTP protocol layer, below ASGI "
+        "(the same answers, a fraction of the CPU); off: FastAPI answers every request.",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="A request's line and headers together may be this long; over it, "
+        "431 and the connection closed.",
+    )
+    max_headers: int = Field(100, ge=8, description="Headers one request may send; over it, 431 and closed.")
     header_timeout_s: float = Field(
         10.0, gt=0, description="A connection must send a request's complete headers within this long "
         "(from connecting, or from the previous answer on a kept-alive connection); then 408 and closed.",

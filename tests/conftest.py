@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import uvicorn
@@ -145,6 +146,34 @@ def served_in_thread(settings: Settings) -> Iterator[tuple[FastAPI, str]]:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+class SocketClient(httpx.Client):
+    """A TestClient's interface (`.app` included) over a real socket, to an app served in a thread."""
+
+    def __init__(self, app: FastAPI, url: str) -> None:
+        super().__init__(base_url=url, timeout=30)
+        self.app = app
+
+
+@contextlib.contextmanager
+def socket_client(settings: Settings) -> Iterator[SocketClient]:
+    with served_in_thread(settings) as (app, url), SocketClient(app, url) as client:
+        yield client
+
+
+@pytest.fixture(params=["asgi", "hot"])
+def serve(request: pytest.FixtureRequest) -> Callable[[Settings], contextlib.AbstractContextManager[httpx.Client]]:
+    """serve(settings) -> a client context: in-process ASGI (FastAPI answers every request), or a real
+    socket with the hot path on (POST /predict and v2 infer answered below ASGI). Tests that take it
+    run both ways and must see the same answers."""
+
+    def start(settings: Settings) -> contextlib.AbstractContextManager[httpx.Client]:
+        if request.param == "asgi":
+            return TestClient(create_app(settings))
+        return socket_client(settings.model_copy(update={"hot_path": True}))
+
+    return start
 
 
 # Real server processes: `python model_inference.py` on a free port, as a user starts it.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -17,6 +17,13 @@ from mnist_service.settings import Settings
 from mnist_service.tools.images import png_bytes, user_digit
 
 _NOISE_PNG = png_bytes(Image.fromarray(np.random.default_rng(1).integers(0, 256, (100, 100), dtype=np.uint8)))
+
+
+@pytest.fixture
+def client(serve: Callable, settings: Settings) -> Iterator[TestClient]:
+    """Every test here runs in-process (FastAPI answers) and over a socket with the hot path on."""
+    with serve(settings) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +151,8 @@ def test_too_many_batch_files_is_refused(client: TestClient) -> None:
 
 
 @pytest.fixture
-def small_limit_client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(model_path=settings.model_path, max_upload_bytes=1000))) as c:
+def small_limit_client(settings: Settings, serve: Callable) -> Iterator[TestClient]:
+    with serve(Settings(model_path=settings.model_path, max_upload_bytes=1000)) as c:
         yield c
 
 
@@ -235,8 +242,8 @@ def test_inference_failure_is_a_generic_500_and_the_server_recovers(
 
 
 @pytest.fixture
-def keyed_client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(model_path=settings.model_path, api_key="s3cret"))) as c:
+def keyed_client(settings: Settings, serve: Callable) -> Iterator[TestClient]:
+    with serve(Settings(model_path=settings.model_path, api_key="s3cret")) as c:
         yield c
 
 
@@ -270,9 +277,10 @@ def test_cors_can_be_configured(settings: Settings) -> None:
 
 @pytest.mark.parametrize(("mode", "logged"), [("all", {200, 422}), ("errors", {422}), ("off", set())])
 def test_access_log_lines_follow_the_setting(
-    settings: Settings, digit_pngs: list[tuple[bytes, int]], caplog: pytest.LogCaptureFixture, mode: str, logged: set
+    settings: Settings, digit_pngs: list[tuple[bytes, int]], caplog: pytest.LogCaptureFixture, mode: str, logged: set,
+    serve: Callable,
 ) -> None:
-    with TestClient(create_app(settings.model_copy(update={"access_log": mode}))) as c:
+    with serve(settings.model_copy(update={"access_log": mode})) as c:
         with caplog.at_level("INFO", logger="mnist_service.access"):
             ok = c.post("/predict", files={"file": ("d.png", digit_pngs[0][0], "image/png")})
             bad = c.post("/predict", files={"file": ("x.png", b"junk", "image/png")})

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -47,11 +48,12 @@ class _Running:
         return sum(v for labels, v in self.samples("mnist_requests_total").items() if ("status", str(status)) in labels)
 
 
-@pytest.fixture
-def server(model_path) -> Iterator[_Running]:
+@pytest.fixture(params=[True, False], ids=["hot", "asgi"])
+def server(model_path: Path, request: pytest.FixtureRequest) -> Iterator[_Running]:
+    """The server with the hot path on (POST /predict below ASGI) and off: every test here runs both ways."""
     settings = Settings(
         model_path=model_path, header_timeout_s=HEADER_TIMEOUT, body_timeout_s=BODY_TIMEOUT,
-        keepalive_timeout_s=KEEPALIVE_TIMEOUT, max_batch_delay_ms=0,
+        keepalive_timeout_s=KEEPALIVE_TIMEOUT, max_batch_delay_ms=0, hot_path=request.param,
     )
     with served_in_thread(settings) as (app, url):
         yield _Running(app, int(url.rsplit(":", 1)[1]))

@@ -4,52 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-import uvicorn
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
 from mnist_service.errors import Overloaded
 from mnist_service.inference.predictor import InferenceFailed
-from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings
+
+from .conftest import served_in_thread
 
 N_DIGITS = 64  # MAX_BATCH_FILES, the largest batch v2 accepts
 
 
-@pytest.fixture(scope="module")
-def server_url(model_path: Path) -> Iterator[str]:
-    """A real uvicorn server on a free port, serving the test model (tritonclient needs real HTTP)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    host, port = sock.getsockname()
-    app = create_app(Settings(model_path=model_path, max_batch_delay_ms=1.0, request_timeout_s=10.0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://{host}:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not become ready"
-        time.sleep(0.1)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+@pytest.fixture(scope="module", params=[True, False], ids=["hot", "asgi"])
+def server_url(model_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A real server on a free port (tritonclient needs real HTTP), with the hot path on and off."""
+    settings = Settings(model_path=model_path, max_batch_delay_ms=1.0, request_timeout_s=10.0, hot_path=request.param)
+    with served_in_thread(settings) as (_, url):
+        yield url
+
+
+@pytest.fixture
+def client(serve: Callable, settings: Settings) -> Iterator[TestClient]:
+    """Every test here runs in-process (FastAPI answers) and over a socket with the hot path on."""
+    with serve(settings) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -234,9 +220,9 @@ def test_compressed_bodies_are_refused(client: TestClient) -> None:
     _assert_error(client.post(INFER, json=_body(), headers={"Content-Encoding": "gzip"}), 415, "uncompressed")
 
 
-def test_api_key_guards_model_routes_but_not_health(model_path: Path) -> None:
+def test_api_key_guards_model_routes_but_not_health(model_path: Path, serve: Callable) -> None:
     settings = Settings(model_path=model_path, api_key="s3cret")
-    with TestClient(create_app(settings)) as client:
+    with serve(settings) as client:
         for path in ("/v2", "/v2/health/live", "/v2/health/ready"):
             assert client.get(path).status_code == 200, path
         _assert_error(client.get("/v2/models/mnist"), 401, "API key")
@@ -293,9 +279,9 @@ def test_openapi_documents_both_body_encodings(client: TestClient) -> None:
     assert "/v2/health/ready" in spec["paths"]
 
 
-def test_errors_raised_outside_the_v2_router_use_the_protocol_shape(model_path: Path) -> None:
+def test_errors_raised_outside_the_v2_router_use_the_protocol_shape(model_path: Path, serve: Callable) -> None:
     """A wrong method, and a body refused by the upload limit before any route runs."""
-    with TestClient(create_app(Settings(model_path=model_path, max_upload_bytes=1000))) as small:
+    with serve(Settings(model_path=model_path, max_upload_bytes=1000)) as small:
         wrong_method = small.get("/v2/models/mnist/infer")
         assert wrong_method.status_code == 405 and "error" in wrong_method.json()
         too_big = small.post(

@@ -25,7 +25,7 @@ import time
 from collections.abc import Generator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -33,8 +33,10 @@ from mnist_service.inference.integrity import ModelLoadError
 from mnist_service.logconfig import configure_logging
 from mnist_service.process.handoff import LATE_AFTER_S, Dispatcher, Receiver, WorkerLink
 from mnist_service.registry.repository import RepositoryError, check_servable
-from mnist_service.serving.protocol import guarded_protocol
 from mnist_service.settings import Settings
+
+if TYPE_CHECKING:
+    from mnist_service.serving.hotpath import HotPath
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +190,10 @@ def serve(settings: Settings) -> int:
 
 def _uvicorn_config(settings: Settings, app: Any = None) -> uvicorn.Config:
     """uvicorn's configuration for `app` (built by create_app), or just for binding the socket without one."""
+    # Imported here: the serving layer brings torch and prometheus_client, which the supervisor must
+    # not import before it has set PROMETHEUS_MULTIPROC_DIR (its own counters would stay in its memory).
+    from mnist_service.serving.protocol import guarded_protocol
+
     state = app.state if app is not None else None
     return uvicorn.Config(
         app or "mnist_service.serving.api:create_app",
@@ -197,6 +203,10 @@ def _uvicorn_config(settings: Settings, app: Any = None) -> uvicorn.Config:
             settings.header_timeout_s,
             state.metrics.header_timeouts.inc if state else lambda: None,
             state.in_flight if state else None,
+            hot_path=_hot_path(settings, app),
+            max_header_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+            on_head_refused=state.metrics.heads_refused.inc if state else lambda: None,
         ),
         timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]  # a float works
         # Alone, a worker bounds its own connections; behind the supervisor, the supervisor does.
@@ -210,6 +220,23 @@ def _uvicorn_config(settings: Settings, app: Any = None) -> uvicorn.Config:
         # client's address or scheme: its middleware was 2% of a worker's profile under load.
         proxy_headers=False,
     )
+
+
+def _hot_path(settings: Settings, app: Any) -> HotPath | None:
+    """The hot path for `app` when HOT_PATH is on and the installed uvicorn is the one it was built on."""
+    if app is None or not settings.hot_path:
+        return None
+    from mnist_service.serving.hotpath import HotPath
+    from mnist_service.serving.protocol import uvicorn_drift
+
+    drift = uvicorn_drift()
+    if drift:
+        logger.warning(
+            "HOT_PATH is on, but this uvicorn differs from the pinned one (%s): FastAPI answers every request",
+            ", ".join(drift),
+        )
+        return None
+    return HotPath(app)
 
 
 def _run_worker(settings: Settings, stops: StopRequests | None = None, link: WorkerLink | None = None) -> int:

@@ -76,7 +76,11 @@ class DataPlane:
                 if not done.cancelled() and done.exception() is None:
                     registry.shadow(version, digits, done.result())
 
-            future.add_done_callback(shadow)
+            # Counted before the answer goes out, as the answer's own callbacks come after this one.
+            if future.done():  # answered inline
+                shadow(future)
+            else:
+                future.add_done_callback(shadow)
         return future
 
     async def infer(self, target: Target, digits: np.ndarray, *, alone: bool | None = None) -> np.ndarray:

@@ -18,13 +18,37 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mnist_service.errors import PayloadTooLarge, RequestTimeout, error_body
 from mnist_service.logconfig import REQUEST_CONTEXT, trace_context
 from mnist_service.metrics import Metrics
-from mnist_service.serving.protocol import CLIENT_GONE
 
 access_log = logging.getLogger("mnist_service.access")
 logger = logging.getLogger(__name__)
 
+# The message a request's task is cancelled with when its client hangs up (protocol.py): this
+# middleware tells that cancellation (answered 499) from a shutdown's.
+CLIENT_GONE = "client disconnected"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before its answer
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+MIN_LOGGED_STATUS = {"all": 0, "errors": 400, "off": 1000}  # ACCESS_LOG -> the lowest status logged
+
+
+def request_id_for(incoming: str | None) -> str:
+    """A sane X-Request-ID echoed, or a new id: 128 random bits as 32 hex digits.
+
+    Like uuid4().hex without its os.urandom() system call per request (random is seeded from the
+    OS in each process): a request id names a request in logs; it is no secret and guards nothing.
+    """
+    if incoming and _SAFE_ID.match(incoming):
+        return incoming
+    return f"{random.getrandbits(128):032x}"  # nosec B311
+
+
+def log_access(method: str, path: str, status: int, version: str, elapsed: float, request_id: str) -> None:
+    """The one access line of a request, as text fields and as JSON fields (LOG_FORMAT=json)."""
+    fields = {"method": method, "path": path, "status": status, "version": version}
+    access_log.info(
+        "method=%s path=%s status=%d version=%s ms=%.2f request_id=%s",
+        method, path, status, version or "-", elapsed * 1000, request_id,
+        extra={**fields, "duration_ms": round(elapsed * 1000, 2)},
+    )
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -56,21 +80,14 @@ class RequestContextMiddleware:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
-        self.min_logged_status = {"all": 0, "errors": 400, "off": 1000}[access_log]
+        self.min_logged_status = MIN_LOGGED_STATUS[access_log]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        incoming = _header(scope, b"x-request-id")
-        # 128 random bits as 32 hex digits, like uuid4().hex without its os.urandom() system call
-        # (random is seeded from the OS in each process): 4% of a worker's profile under load. A request
-        # id names a request in logs; it is no secret and guards nothing.
-        if incoming and _SAFE_ID.match(incoming):
-            request_id = incoming
-        else:
-            request_id = f"{random.getrandbits(128):032x}"  # nosec B311
+        request_id = request_id_for(_header(scope, b"x-request-id"))
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         context = REQUEST_CONTEXT.set({"request_id": request_id, **trace_context(_header(scope, b"traceparent"))})
@@ -143,12 +160,7 @@ class RequestContextMiddleware:
             version = state.get("model_version", "")
             self.metrics.request_done(endpoint, scope["method"], status, version, elapsed)
             if status >= self.min_logged_status:
-                fields = {"method": scope["method"], "path": scope["path"], "status": status, "version": version}
-                access_log.info(
-                    "method=%s path=%s status=%d version=%s ms=%.2f request_id=%s",
-                    scope["method"], scope["path"], status, version or "-", elapsed * 1000, request_id,
-                    extra={**fields, "duration_ms": round(elapsed * 1000, 2)},
-                )
+                log_access(scope["method"], scope["path"], status, version, elapsed, request_id)
             REQUEST_CONTEXT.reset(context)
 
     def _too_large(self) -> str:
