@@ -28,6 +28,14 @@ class Target:
     pinned: bool
 
 
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """Which request a submission belongs to: its id (X-Request-ID) and the front door's route."""
+
+    request_id: str
+    route: str
+
+
 class InFlight:
     """The requests a worker is answering, as its HTTP protocol knows them: uvicorn's set of request
     tasks, which every connection of a server shares, plus the hot path's requests (which have no
@@ -61,11 +69,14 @@ class DataPlane:
         """
         return Target(self.registry.resolve(requested or None), bool(requested))
 
-    def submit(self, target: Target, digits: np.ndarray, *, alone: bool | None = None) -> asyncio.Future[np.ndarray]:
+    def submit(
+        self, target: Target, digits: np.ndarray, *, alone: bool | None = None, request: RequestInfo | None = None
+    ) -> asyncio.Future[np.ndarray]:
         """Queue digits on the target's batcher: a future of probabilities (n, 10).
 
         Raises Overloaded (queue full) or VersionBusy at once; a deadline or a failed forward pass
-        comes as the future's exception. `alone` defaults to what InFlight says.
+        comes as the future's exception. `alone` defaults to what InFlight says. `request` says which
+        request and front door the digits came from, for what is recorded per request.
         """
         version = target.version
         future = version.serving().submit(digits, alone=self.in_flight.alone() if alone is None else alone)
@@ -83,17 +94,19 @@ class DataPlane:
                 future.add_done_callback(shadow)
         return future
 
-    async def infer(self, target: Target, digits: np.ndarray, *, alone: bool | None = None) -> np.ndarray:
+    async def infer(
+        self, target: Target, digits: np.ndarray, *, alone: bool | None = None, request: RequestInfo | None = None
+    ) -> np.ndarray:
         """`submit`, awaited."""
-        return await self.submit(target, digits, alone=alone)
+        return await self.submit(target, digits, alone=alone, request=request)
 
-    async def compare(self, digits: np.ndarray) -> list[tuple[Version, np.ndarray]]:
+    async def compare(self, digits: np.ndarray, request: RequestInfo | None = None) -> list[tuple[Version, np.ndarray]]:
         """Every ready version's probabilities for the same digits, in version order; none is shadowed."""
         versions = self.registry.ready()
         if not versions:
             self.registry.resolve(None)  # raises the right 503
         alone = self.in_flight.alone()
         answers = await asyncio.gather(
-            *(self.submit(Target(v, pinned=True), digits, alone=alone) for v in versions)
+            *(self.submit(Target(v, pinned=True), digits, alone=alone, request=request) for v in versions)
         )
         return list(zip(versions, answers, strict=True))

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from mnist_service.errors import ModelNotReady, Unauthorized
 from mnist_service.metrics import Metrics
 from mnist_service.registry.registry import Registry, Version
-from mnist_service.serving.dataplane import DataPlane, Target
+from mnist_service.serving.dataplane import DataPlane, RequestInfo, Target
 from mnist_service.settings import Settings
 
 
@@ -45,6 +45,12 @@ def get_dataplane(request: Request) -> DataPlane:
     if dataplane is None:
         raise ModelNotReady()
     return dataplane
+
+
+def request_info(request: Request) -> RequestInfo:
+    """The request's id and route, for the data plane's per-request records."""
+    route = request.scope.get("route")
+    return RequestInfo(getattr(request.state, "request_id", ""), getattr(route, "path", request.url.path))
 
 
 def record_version(request: Request, version: Version) -> None:

@@ -39,7 +39,7 @@ from mnist_service.inference.predictor import InferenceFailed
 from mnist_service.inference.preprocess import image_to_digit
 from mnist_service.logconfig import REQUEST_CONTEXT, trace_context
 from mnist_service.serving import upload_codec, v2_codec
-from mnist_service.serving.dataplane import Target
+from mnist_service.serving.dataplane import RequestInfo, Target
 from mnist_service.serving.deps import verify_key
 from mnist_service.serving.middleware import (
     CLIENT_CLOSED_REQUEST,
@@ -343,7 +343,9 @@ class HotRequest:
     def submit(self, alone: bool | None) -> None:
         """Hand the digits to the data plane; the answer is written when its future is done."""
         try:
-            future = self.hot.app.state.dataplane.submit(self.target, self.digits, alone=alone)
+            future = self.hot.app.state.dataplane.submit(
+                self.target, self.digits, alone=alone, request=RequestInfo(self.request_id, self.endpoint)
+            )
         except Exception as exc:
             self.fail(exc)
             return

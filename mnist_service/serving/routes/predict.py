@@ -24,6 +24,7 @@ from mnist_service.serving.deps import (
     TargetDep,
     check_api_key,
     get_dataplane,
+    request_info,
     require_api_key,
     resolve_target,
 )
@@ -81,7 +82,7 @@ async def _classify_uploads(request: Request, field: str, max_files: int) -> lis
     debug = parse_debug(request.query_params.get("debug"))
     files = parse_uploads(request.headers.get("content-type", ""), await request.body(), field, max_files)
     digits = await decode_uploads(files, request.app.state.decode_pool, settings.max_image_pixels)
-    probs = await get_dataplane(request).infer(target, digits)
+    probs = await get_dataplane(request).infer(target, digits, request=request_info(request))
     return prediction_dicts(probs, target.version, digits if debug else None)
 
 
@@ -111,7 +112,7 @@ async def predict_compare(request: Request) -> Response:
     debug = parse_debug(request.query_params.get("debug"))
     files = parse_uploads(request.headers.get("content-type", ""), await request.body(), "file", 1)
     digits = await decode_uploads(files, request.app.state.decode_pool, settings.max_image_pixels)
-    answers = await dataplane.compare(digits)
+    answers = await dataplane.compare(digits, request_info(request))
     predictions = [prediction_dicts(probs, v, digits if debug else None)[0] for v, probs in answers]
     default = dataplane.registry.default
     comparison = {
@@ -132,5 +133,5 @@ async def predict_pixels(
 ) -> Prediction:
     """784 integers 0-255 (flat or 28x28), white on black, fed to the model as given."""
     digit = pixels_to_digit(body.pixels)[None]
-    probs = await dataplane.infer(target, digit)
+    probs = await dataplane.infer(target, digit, request=request_info(request))
     return Prediction(**prediction_dicts(probs, target.version, digit if debug else None)[0])

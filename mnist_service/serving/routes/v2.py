@@ -21,7 +21,14 @@ from mnist_service.errors import ModelNotReady, NotFound, UnsupportedMediaType
 from mnist_service.inference.predictor import InferenceFailed
 from mnist_service.serving import v2_codec
 from mnist_service.serving.dataplane import Target
-from mnist_service.serving.deps import DataPlaneDep, RegistryDep, SettingsDep, require_api_key, resolve_target
+from mnist_service.serving.deps import (
+    DataPlaneDep,
+    RegistryDep,
+    SettingsDep,
+    request_info,
+    require_api_key,
+    resolve_target,
+)
 from mnist_service.serving.schemas import ErrorResponse, error_responses
 from mnist_service.serving.v2_schemas import (
     InferenceRequest,
@@ -256,7 +263,7 @@ async def infer(
     digits = v2_codec.decode_input(parsed.inputs[0], binary, settings.max_batch_files)
     outputs = v2_codec.requested_outputs(parsed)
     target = _requested(request)
-    probs = await dataplane.infer(target, digits)
+    probs = await dataplane.infer(target, digits, request=request_info(request))
     body, header_length = v2_codec.encode_response(probs, outputs, settings.model_name, target.version.name, parsed.id)
     if header_length is None:
         return Response(body, media_type="application/json")
