@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from benchmarks import floor
 from benchmarks.load import TOOLS, Measurement, run_hey, run_stress
 from benchmarks.server_cpu import cpu_seconds
 from benchmarks.servers import (
@@ -45,7 +46,10 @@ from mnist_service.tools.images import png_bytes, test_digit, user_digit
 from mnist_service.tools.stress import Payload
 
 SERVER_TEXT = {
-    "ours": "**ours** with its defaults (2 workers, micro-batching, PNGs decoded with libspng); multipart uploads.",
+    "ours": "**ours** with its defaults (2 workers, micro-batching, PNGs decoded with libspng, the HTTP hot path "
+    "answering POST /predict below ASGI); multipart uploads.",
+    "ours-fastapi": "**ours-fastapi**: the same server with `HOT_PATH=false`, FastAPI answering every request "
+    "(the server before the hot path); multipart uploads.",
     "baseline": "**baseline**, `benchmarks/baseline_server.py`: async FastAPI with an UploadFile, PIL decoding as "
     "the earlier projects did, the service's own normalisation, one forward pass per request on the event loop; "
     "multipart uploads.",
@@ -197,6 +201,17 @@ def ratios(agg: dict[tuple[str, str, str, int], Measurement], image: str, server
     return "\n".join(lines)
 
 
+def over_floor(agg: dict[tuple[str, str, str, int], Measurement], image: str, servers: list[str], tools: list[str],
+               cs: list[int], floor_ms: float) -> str:
+    lines = ["| server | tool | concurrency | CPU ms / request | over the floor |", "|---|---|--:|--:|--:|"]
+    for s in servers:
+        for tool in tools:
+            for c in cs:
+                m = agg[s, image, tool, c]
+                lines.append(f"| {s} | {tool} | {c} | {_num(m.cpu_ms)} | {_num(m.cpu_ms / floor_ms, 'x')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/mnist_cnn.pt"))
@@ -219,6 +234,11 @@ def main() -> None:
         ensure_server(name)
     images = {name: IMAGES[name][1]() for name in args.images}
     header = machine()
+    # What a request costs without HTTP (decode, preprocess, a forward pass per batch of 32), measured
+    # here so that each server's CPU per request reads as a multiple of it from the same run.
+    floors = {name: floor.measure(args.model, path.read_bytes()) for name, path in images.items()}
+    for name, f in floors.items():
+        print(f"floor {name}: preprocess {f.preprocess_us:.1f} + forward {f.forward_us:.1f} us/image", flush=True)
 
     raw: dict[tuple[str, str, str, int], list[Measurement]] = {}
     for r in range(args.rounds):
@@ -247,13 +267,20 @@ def main() -> None:
         size = len(images[image].read_bytes())
         sections += [f"## {image}: {IMAGES[image][0]}, {size} bytes", table(agg, image, args.servers, args.tools,
                                                                             args.concurrency)]
+        f = floors[image]
+        sections += [
+            f"### {image}: server CPU per request over the irreducible work",
+            f"`benchmarks/floor.py` in this run, one thread, no HTTP: decode + preprocess {f.preprocess_us:.1f} us, "
+            f"forward pass {f.forward_us:.1f} us per image at batch 32, **{f.total_us:.1f} us** in all.",
+            over_floor(agg, image, args.servers, args.tools, args.concurrency, f.total_us / 1000),
+        ]
         if "ours" in args.servers and len(args.servers) > 1:
             sections += [f"### {image}: ours / other (req/s: higher is better; p99 and CPU per request: lower is "
                          "better)", ratios(agg, image, args.servers, args.tools, args.concurrency)]
     print("\n\n".join(sections))
     versions = {**peer_versions(), "max_queue": Settings().max_queue}
     args.results.write_text("\n\n".join([
-        "# Serving benchmark: ours vs a plain FastAPI baseline, LitServe, TorchServe and BentoML",
+        "# Serving benchmark: ours (hot path on and off) vs a plain FastAPI baseline, LitServe, TorchServe and BentoML",
         "\n".join(header),
         f"Command: `{command}`. On loopback; {args.rounds} round(s) of {args.duration:g} s per point, servers "
         "alternated; medians over rounds, errors and requests summed. The load generators run on the same 2 "

@@ -24,7 +24,7 @@ from mnist_service.tools.stress import Payload, build_payload
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "out"
-SERVERS = ("ours", "baseline", "litserve", "torchserve", "bentoml")
+SERVERS = ("ours", "ours-fastapi", "baseline", "litserve", "torchserve", "bentoml")
 
 
 def _service_pins(*names: str) -> tuple[str, ...]:
@@ -146,12 +146,14 @@ def server_spec(
 ) -> ServerSpec:
     """The command line of one server, listening on 127.0.0.1:port. TorchServe's files are written here."""
     host = ["--host", "127.0.0.1", "--port", str(port)]
-    if name == "ours":
-        # No drain window: the benchmark stops the server only when it is idle.
+    if name in ("ours", "ours-fastapi"):
+        # No drain window: the benchmark stops the server only when it is idle. ours-fastapi is the
+        # same server with the HTTP hot path off: FastAPI answers every request, as before it.
+        hot = {"HOT_PATH": "false"} if name == "ours-fastapi" else {}
         return ServerSpec(
             name,
             [sys.executable, "model_inference.py", "--model", str(model), *host],
-            {"SHUTDOWN_DRAIN_SECONDS": "0", **(env or {})},
+            {"SHUTDOWN_DRAIN_SECONDS": "0", **hot, **(env or {})},
         )
     if name == "baseline":
         return ServerSpec(

@@ -80,7 +80,7 @@ class DataPlane:
         """
         version = target.version
         future = version.serving().submit(digits, alone=self.in_flight.alone() if alone is None else alone)
-        if not target.pinned:
+        if not target.pinned and self.registry.canary is not None:  # shadowing needs a canary
             registry = self.registry
 
             def shadow(done: asyncio.Future[np.ndarray]) -> None:

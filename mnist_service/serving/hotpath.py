@@ -102,6 +102,8 @@ class HotPath:
         self.body_timeout_s = settings.body_timeout_s
         self.min_logged_status = MIN_LOGGED_STATUS[settings.access_log]
         self._gathered: list[HotRequest] = []
+        self._defaults: list[tuple[bytes, bytes]] | None = None
+        self._heads: dict[int, bytes] = {}  # status -> status line and default headers, for `_defaults`
         self._loop: asyncio.AbstractEventLoop | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # decodes of large uploads, on the decode pool
 
@@ -162,6 +164,18 @@ class HotPath:
             content_type or "", request_id, traceparent, (bearer, key), header_length, parser.should_keep_alive(),
         )
 
+    def head(self, status: int, protocol: HttpToolsProtocol) -> bytes:
+        """The status line and uvicorn's default headers (its Date, renewed each second), built once per change."""
+        defaults = protocol.server_state.default_headers
+        if defaults is not self._defaults:  # uvicorn swaps in a new list when the second changes
+            self._defaults, self._heads = defaults, {}
+        head = self._heads.get(status)
+        if head is None:
+            lines = [_STATUS_LINES.get(status) or _status_line(status)]
+            lines += [b"%s: %s\r\n" % header for header in defaults]
+            head = self._heads[status] = b"".join(lines)
+        return head
+
     def gather(self, request: HotRequest) -> None:
         """Submit `request` with every other one whose body completes in this turn of the loop."""
         if not self._gathered:
@@ -186,6 +200,11 @@ class HotRequest:
     of the cycle it holds, so this answers to those names too.
     """
 
+    __slots__ = (
+        "body", "body_timer", "content_type", "digits", "disconnected", "encode", "endpoint", "future", "header_length",
+        "hot", "keep_alive", "model_name", "offered", "path", "protocol", "query", "reading", "request_id",
+        "response_complete", "served_by", "started", "target", "traceparent", "version",
+    )
     message_event = _NoEvent()
 
     def __init__(
@@ -280,7 +299,7 @@ class HotRequest:
 
     def _read_upload(self) -> list[tuple[str, bytes]] | None:
         """The /predict request as digits; the files instead if one is too large to decode on the loop."""
-        query = dict(urllib.parse.parse_qsl(self.query.decode("latin-1"), keep_blank_values=True))
+        query = dict(urllib.parse.parse_qsl(self.query.decode("latin-1"), keep_blank_values=True)) if self.query else {}
         self.target = self._resolve(query.get("version"))
         debug = upload_codec.parse_debug(query.get("debug"))
         files = upload_codec.parse_uploads(self.content_type, bytes(self.body), "file", 1)
@@ -404,19 +423,15 @@ class HotRequest:
         transport = protocol.transport
         self.response_complete = True
         if not transport.is_closing():
-            head = [_STATUS_LINES.get(status) or _status_line(status)]
-            for name, value in protocol.server_state.default_headers:
-                head += (name, b": ", value, b"\r\n")
-            head += (b"content-length: ", str(len(body)).encode(), b"\r\ncontent-type: ", content_type, b"\r\n")
-            for name, value in headers:
-                head += (name, b": ", value, b"\r\n")
-            head += (b"x-request-id: ", self.request_id.encode(), b"\r\n")
+            extra = b"".join(b"%s: %s\r\n" % header for header in headers) if headers else b""
             if self.served_by:
-                head += (b"x-model-version: ", self.served_by.encode(), b"\r\n")
+                extra += b"x-model-version: %s\r\n" % self.served_by.encode()
             if not self.keep_alive:
-                head.append(b"connection: close\r\n")
-            head += (b"\r\n", body)
-            transport.write(b"".join(head))
+                extra += b"connection: close\r\n"
+            transport.write(
+                b"%scontent-length: %d\r\ncontent-type: %s\r\n%sx-request-id: %s\r\n\r\n%s"
+                % (self.hot.head(status, protocol), len(body), content_type, extra, self.request_id.encode(), body)
+            )
         self._finish(status)
         if not self.keep_alive:
             transport.close()

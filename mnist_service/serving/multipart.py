@@ -9,6 +9,7 @@ Header values are still parsed by python-multipart's parse_options_header (quoti
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from python_multipart.multipart import parse_options_header
@@ -16,6 +17,7 @@ from python_multipart.multipart import parse_options_header
 from mnist_service.errors import BadRequest
 
 _MAX_PART_HEADER_BYTES = 8 * 1024
+_CACHED_VALUE_BYTES = 512  # header values up to this long are parsed once and remembered
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,13 @@ class Part:
 
 def boundary_of(content_type: str) -> bytes:
     """The boundary parameter of a multipart/form-data Content-Type, or a 400 saying it is missing."""
+    # Parsed once per distinct value; a long one (a client's mistake or an attack) is not kept.
+    parse = _boundary_of if len(content_type) <= _CACHED_VALUE_BYTES else _boundary_of.__wrapped__
+    return parse(content_type)
+
+
+@functools.lru_cache(maxsize=256)
+def _boundary_of(content_type: str) -> bytes:
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary", b"")
     if not boundary or len(boundary) > 200:
@@ -83,12 +92,18 @@ def _part(data: bytes, start: int, end: int) -> Part:
             disposition = value.strip()
     if disposition is None:
         raise BadRequest("a multipart part has no Content-Disposition header naming its field")
+    name, filename = (_field_of if len(disposition) <= _CACHED_VALUE_BYTES else _field_of.__wrapped__)(disposition)
+    return Part(name=name, filename=filename, data=data[content_start:end])
+
+
+# A client sends the same boundary and dispositions request after request (hey, tritonclient,
+# our own stress tester; a browser varies the boundary only): parse each distinct one once.
+@functools.lru_cache(maxsize=256)
+def _field_of(disposition: bytes) -> tuple[str, str | None]:
+    """(field name, file name or None) of a part's Content-Disposition value."""
     kind, params = parse_options_header(disposition)
     if kind != b"form-data" or b"name" not in params:
         raise BadRequest("a multipart part's Content-Disposition must be form-data with a name")
     filename = params.get(b"filename")
-    return Part(
-        name=params[b"name"].decode("utf-8", "replace"),
-        filename=filename.decode("utf-8", "replace") if filename is not None else None,
-        data=data[content_start:end],
-    )
+    name = params[b"name"].decode("utf-8", "replace")
+    return name, filename.decode("utf-8", "replace") if filename is not None else None
