@@ -51,8 +51,11 @@ def test_json_formatter_writes_one_object_with_extras_and_exceptions() -> None:
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_json_logs_of_the_real_server_carry_request_and_trace_ids_and_never_image_bytes(start_server) -> None:
-    server = start_server(LOG_FORMAT="json", ACCESS_LOG="all")
+@pytest.mark.parametrize("hot_path", ["true", "false"], ids=["hot", "fastapi"])
+def test_json_logs_of_the_real_server_carry_request_and_trace_ids_and_never_image_bytes(
+    start_server, hot_path: str
+) -> None:
+    server = start_server(LOG_FORMAT="json", ACCESS_LOG="all", HOT_PATH=hot_path)
     image = Image.new("L", (28, 28), 0)
     image.paste(255, (12, 6, 16, 22))
     png = io.BytesIO()

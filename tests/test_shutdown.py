@@ -103,9 +103,10 @@ def _slow_upload(url: str, body: bytes, content_type: str, until: float, out: di
         out["error"] = repr(exc)
 
 
-def test_sigterm_drains_under_load_without_dropping_a_request(start_server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("hot_path", ["true", "false"], ids=["hot", "fastapi"])
+def test_sigterm_drains_under_load_without_dropping_a_request(start_server, tmp_path: Path, hot_path: str) -> None:
     drain, timeout = 4.0, 5.0
-    server = start_server(SHUTDOWN_DRAIN_SECONDS=str(drain), SHUTDOWN_TIMEOUT_SECONDS=str(timeout))
+    server = start_server(SHUTDOWN_DRAIN_SECONDS=str(drain), SHUTDOWN_TIMEOUT_SECONDS=str(timeout), HOT_PATH=hot_path)
     probe = _ReadinessProbe(server.url)
     probe.start()
     stress_json = tmp_path / "stress.json"

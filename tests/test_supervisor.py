@@ -121,8 +121,9 @@ class _Load(threading.Thread):
         asyncio.run(main())
 
 
-def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(start_server) -> None:
-    server = start_server(ACCESS_LOG="all")
+@pytest.mark.parametrize("hot_path", ["true", "false"], ids=["hot", "fastapi"])
+def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(start_server, hot_path: str) -> None:
+    server = start_server(ACCESS_LOG="all", HOT_PATH=hot_path)
     concurrency = 8
     load = _Load(server.url, concurrency, seconds=14)
     load.start()
