@@ -272,3 +272,33 @@ def test_a_request_is_not_inline_while_the_batcher_has_work_or_the_model_is_slow
 
     assert asyncio.run(lone()) is False
     assert slow.threads[-1].startswith("inference")
+
+
+def test_retry_after_tracks_the_queue_and_the_measured_service_rate() -> None:
+    """503's Retry-After: the queue ahead over the rate the batcher has been answering at."""
+    model = SlowModel(delay_s=0.05)  # one image a pass: about 20 requests a second
+
+    async def scenario() -> dict[int, int]:
+        p = _predictor(model, max_batch_size=1, max_queue=60)
+        await p.start()
+        try:
+            await asyncio.gather(*(p.predict(_digits(1)) for _ in range(8)))  # busy all along: the rate is learned
+            retry_after = {}
+            futures = []
+            for backlog in (5, 60):
+                while p._queue.qsize() < backlog:
+                    futures.append(p.submit(_digits(2)))
+                retry_after[backlog] = p.retry_after()
+            with pytest.raises(Overloaded) as refused:
+                p.submit(_digits(3))
+            assert refused.value.headers["Retry-After"] == str(retry_after[60])
+            for future in futures:
+                future.cancel()
+            return retry_after
+        finally:
+            await p.stop()
+
+    retry_after = asyncio.run(scenario())
+    # 5 queued at ~20/s clear within a second; 60 take about 3 s (a wide band: the machine is shared).
+    assert retry_after[5] == 1
+    assert 2 <= retry_after[60] <= 6, retry_after
