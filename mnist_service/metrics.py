@@ -45,6 +45,11 @@ def observe_many(histogram: Any, values: np.ndarray) -> None:
     histogram._sum.inc(float(values.sum()))
 
 
+# The prediction routes and statuses the SLO rules read, whose series exist from start-up.
+STARTUP_ENDPOINTS = ("/predict", "/v2/models/{model_name}/infer")
+STARTUP_STATUSES = ("200", "500", "503")
+
+
 class Metrics:
     """All the service's metrics; the names share the `mnist_` prefix."""
 
@@ -63,6 +68,12 @@ class Metrics:
             "mnist_request_latency_seconds", "Time from request to response, by model version.",
             ["endpoint", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )
+        # At 0 from the start (version '' until one answers), so that the SLO rules and the dashboard's
+        # error and latency panels have a series on a fresh server instead of "No data".
+        for endpoint in STARTUP_ENDPOINTS:
+            for status in STARTUP_STATUSES:
+                self.requests.labels(endpoint, "POST", status, "")
+            self.request_latency.labels(endpoint, "")
         self.inference_time = Histogram(
             "mnist_inference_seconds", "Forward pass time per batch.", buckets=_FAST_BUCKETS, registry=r
         )

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from mnist_service.metrics import observe_many
+from mnist_service.metrics import Metrics, observe_many
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,3 +98,14 @@ def test_observe_many_in_multiprocess_mode(tmp_path: Path) -> None:
     assert samples[("mnist_prediction_confidence_bucket", "+Inf")] == 4
     assert samples[("mnist_prediction_confidence_bucket", "0.6")] == 1  # cumulative: 0.2 only
     assert samples[("mnist_prediction_confidence_bucket", "0.99")] == 3
+
+
+def test_the_series_the_slo_rules_read_exist_at_zero_from_the_start() -> None:
+    """A fresh server's scrape already has the request and latency series the rules and panels select."""
+    text = Metrics().render().decode()
+    for endpoint in ("/predict", "/v2/models/{model_name}/infer"):
+        for status in ("200", "500", "503"):
+            assert (
+                f'mnist_requests_total{{endpoint="{endpoint}",method="POST",status="{status}",version=""}} 0.0' in text
+            ), (endpoint, status)
+        assert f'mnist_request_latency_seconds_count{{endpoint="{endpoint}",version=""}} 0.0' in text
