@@ -74,6 +74,18 @@ class Metrics:
             for status in STARTUP_STATUSES:
                 self.requests.labels(endpoint, "POST", status, "")
             self.request_latency.labels(endpoint, "")
+        # The gRPC front door's calls (serving/grpc), apart from the HTTP requests: gRPC status codes are not
+        # HTTP statuses, and the rules and dashboards read `status` as HTTP's.
+        self.grpc_requests = Counter(
+            "mnist_grpc_requests", "gRPC calls by method, status code and the model version that answered ('' for "
+            "none). CANCELLED: the client cancelled, DEADLINE_EXCEEDED: its deadline passed; either way its queued "
+            "work was dropped (HTTP's 499).",
+            ["method", "code", "version"], registry=r,
+        )
+        self.grpc_request_latency = Histogram(
+            "mnist_grpc_request_latency_seconds", "Time from a gRPC call's arrival to its answer, by method and "
+            "model version.", ["method", "version"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
         self.inference_time = Histogram(
             "mnist_inference_seconds", "Forward pass time per batch.", buckets=_FAST_BUCKETS, registry=r
         )
@@ -165,6 +177,11 @@ class Metrics:
             )
         children[0].inc()
         children[1].observe(seconds)
+
+    def grpc_call_done(self, method: str, code: str, version: str, seconds: float) -> None:
+        """Count one answered gRPC call and its latency."""
+        self.grpc_requests.labels(method, code, version).inc()
+        self.grpc_request_latency.labels(method, version).observe(seconds)
 
     def render(self) -> bytes:
         if not self.multiprocess_mode:

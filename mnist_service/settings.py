@@ -40,6 +40,22 @@ class Settings(BaseSettings):
     )
     host: str = "0.0.0.0"  # noqa: S104  # nosec B104 - a container must listen on all interfaces
     port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="The Open Inference Protocol over gRPC listens here (docs/grpc.md), in "
+        "every worker (SO_REUSEPORT); 0 turns it off.",
+    )
+    grpc_max_concurrent_streams: int = Field(
+        100, ge=1, description="gRPC calls one connection may have in flight at once; a client's further calls "
+        "wait on its side.",
+    )
+    grpc_max_connection_idle_s: float = Field(
+        300.0, gt=0, description="A gRPC connection with no call in flight for this long is closed (GOAWAY), so "
+        "idle clients cannot pin a worker's connections.",
+    )
+    grpc_max_connection_age_s: float = Field(
+        600.0, gt=0, description="A gRPC connection is closed after this long, its calls given "
+        "SHUTDOWN_TIMEOUT_SECONDS to finish; clients reconnect, so long-lived ones spread over workers and pods.",
+    )
     log_level: str = "info"
     log_format: Literal["text", "json"] = Field(
         "text", description="text: a line for people; json: one JSON object per line, with the request id and "

@@ -36,6 +36,7 @@ from mnist_service.registry.repository import RepositoryError, check_servable
 from mnist_service.settings import Settings
 
 if TYPE_CHECKING:
+    from mnist_service.serving.grpc.server import GrpcServer
     from mnist_service.serving.hotpath import HotPath
 
 logger = logging.getLogger(__name__)
@@ -78,10 +79,12 @@ class DrainingServer(uvicorn.Server):
         self.receiver = receiver
         self._stops_seen = 0
         self._drain_until: float | None = None
+        self.grpc: GrpcServer | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         if self.receiver is None:
             await super().startup(sockets)
+            await self._start_grpc()
             return
         await super().startup(sockets=[])  # no listener of our own: the supervisor accepts
         config = self.config
@@ -92,6 +95,32 @@ class DrainingServer(uvicorn.Server):
             return protocol_class(config=config, server_state=self.server_state, app_state=self.lifespan.state)
 
         self.receiver.start(asyncio.get_running_loop(), protocol_factory, self._orphaned, self._stuck)
+        await self._start_grpc()
+
+    async def _start_grpc(self) -> None:
+        """Serve the Open Inference Protocol over gRPC beside HTTP, on this event loop (GRPC_PORT; 0 = off).
+
+        Each worker binds GRPC_PORT itself, with SO_REUSEPORT, and the kernel spreads new connections
+        over the workers, instead of the supervisor handing them over as it does HTTP's: grpc's C core
+        accepts and owns its connections and has no way to take over one accepted by another process.
+        What that loses (docs/grpc.md): the hand-off's choice of the least-loaded worker, its
+        MAX_CONNECTIONS refusal, and its skip of a worker without a heartbeat; a hung worker's gRPC
+        connections wait until WORKER_TIMEOUT_S kills it.
+        """
+        settings: Settings = self.app.state.settings
+        if settings.grpc_port == 0:
+            return
+        # Imported here, and only here: the generated modules must stay out of every process that does not
+        # serve gRPC (the supervisor, a test process that imports tritonclient.grpc's copy of them).
+        from mnist_service.serving.grpc.server import GrpcServer, address
+
+        self.grpc = GrpcServer(self.app)
+        try:
+            await self.grpc.start()
+        except RuntimeError as exc:
+            logger.error("cannot serve gRPC on %s (GRPC_PORT): %s; free the port, or set GRPC_PORT=0 to "
+                         "turn gRPC off", address(settings), exc)
+            sys.exit(1)
 
     def _stuck(self) -> tuple[float, str]:
         """How long the longest-stuck batcher of this worker has been in one forward pass, and whose."""
@@ -113,6 +142,14 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self.receiver is not None:
             self.receiver.stop()
+        if self.grpc is not None:
+            # gRPC calls in flight finish first (HTTP requests in flight go on meanwhile), within the same
+            # SHUTDOWN_TIMEOUT_SECONDS window as HTTP's: uvicorn's shutdown then gets what is left of it,
+            # and stops the app's batchers only after both.
+            started = time.monotonic()
+            window = self.config.timeout_graceful_shutdown or 0.0
+            await self.grpc.stop(0.0 if self.force_exit else window)
+            self.config.timeout_graceful_shutdown = max(window - (time.monotonic() - started), 0.1)
         await super().shutdown(sockets)
 
     @contextlib.contextmanager
@@ -138,7 +175,7 @@ class DrainingServer(uvicorn.Server):
             logger.warning("second signal %s: exiting now", signal.Signals(sig).name)
             self.should_exit = self.force_exit = True
         elif sig == signal.SIGTERM and self.drain_seconds > 0:
-            self.app.state.draining = True
+            self.app.state.draining = True  # gRPC health follows within HEALTH_POLL_S
             self._drain_until = time.monotonic() + self.drain_seconds
             logger.info("SIGTERM: /readyz now 503; serving %.1fs more before closing", self.drain_seconds)
         else:

@@ -78,7 +78,29 @@ def decode_input(tensor: RequestInput, binary: bytes, max_batch: int) -> np.ndar
         )
     else:
         values = _from_json(tensor, n * PIXELS)
-    if tensor.datatype == "UINT8":
+    return to_digits(values, tensor.datatype, n)
+
+
+def dtype_of(datatype: str, name: str) -> np.dtype:
+    """The numpy type of an accepted input datatype, or a 400 naming the accepted ones."""
+    dtype = _DTYPES.get(datatype)
+    if dtype is None:
+        raise BadRequest(
+            f"input '{name[:64]}' has datatype '{datatype[:16]}': send FP32 (pixel / 255 in [0, 1]) "
+            "or UINT8 (pixels 0-255)"
+        )
+    return dtype
+
+
+def to_digits(values: np.ndarray, datatype: str, n: int) -> np.ndarray:
+    """n * 784 values of an input tensor as digits (n, 28, 28) in pixel units: UINT8 as sent, FP32 scaled by 255.
+
+    Checks the range: whole numbers 0-255 for UINT8 (unless already uint8), finite [0, 1] for FP32.
+    """
+    if datatype == "UINT8":
+        whole = values.dtype.kind != "f" or bool((values == np.floor(values)).all())
+        if values.dtype != np.uint8 and not (values.min() >= 0 and values.max() <= 255 and whole):
+            raise BadRequest("UINT8 input must hold whole numbers 0-255; for pixel / 255 in [0, 1] send datatype FP32")
         return values.astype(np.uint8, copy=False).reshape(n, 28, 28)
     if not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
         raise BadRequest(
@@ -118,35 +140,44 @@ def _from_json(tensor: RequestInput, expected: int) -> np.ndarray:
         )
     if values.dtype.kind not in "iuf":
         raise BadRequest(f"input '{tensor.name}' data must hold only numbers")
-    if tensor.datatype == "UINT8" and not (
-        values.min() >= 0 and values.max() <= 255 and (values.dtype.kind != "f" or (values == np.floor(values)).all())
-    ):
-        raise BadRequest("UINT8 input must hold whole numbers 0-255; for pixel / 255 in [0, 1] send datatype FP32")
     return values
 
 
 def requested_outputs(request: InferenceRequest) -> list[tuple[str, bool]]:
     """(output name, as binary?) in response order; both outputs when none are asked for."""
     default = bool(request.parameters and request.parameters.binary_data_output)
-    if not request.outputs:
+    asked = [(o.name, o.parameters.binary_data if o.parameters else None) for o in request.outputs or ()]
+    return choose_outputs(asked, default)
+
+
+def choose_outputs(asked: list[tuple[str, bool | None]], default: bool) -> list[tuple[str, bool]]:
+    """(output name, as binary?) for the outputs a request names, each with its own choice of binary or
+    `default`; every output (as `default`) when it names none. A 400 for an unknown or repeated name."""
+    if not asked:
         return [(name, default) for name in OUTPUTS]
     chosen: list[tuple[str, bool]] = []
-    for output in request.outputs:
-        if any(name == output.name for name, _ in chosen):
-            raise BadRequest(f"output '{output.name}' is requested twice")
-        binary = output.parameters.binary_data if output.parameters else None
-        chosen.append((output.name, default if binary is None else binary))
+    for name, binary in asked:
+        if name not in OUTPUTS:
+            raise BadRequest(f"unknown output '{name[:64]}': this model's outputs are {', '.join(OUTPUTS)}")
+        if any(name == seen for seen, _ in chosen):
+            raise BadRequest(f"output '{name}' is requested twice")
+        chosen.append((name, default if binary is None else binary))
     return chosen
+
+
+def output_tensors(probs: np.ndarray) -> dict[str, tuple[str, np.ndarray]]:
+    """Every output of the model as (datatype, little-endian array) for probabilities (n, 10)."""
+    return {
+        "probabilities": ("FP32", np.ascontiguousarray(probs, dtype="<f4")),
+        "prediction": ("INT64", probs.argmax(axis=1).astype("<i8")),
+    }
 
 
 def encode_response(
     probs: np.ndarray, outputs: list[tuple[str, bool]], model_name: str, model_version: str, request_id: str | None
 ) -> tuple[bytes, int | None]:
     """(body, JSON header length or None when the body is all JSON) of an inference response."""
-    tensors = {
-        "probabilities": ("FP32", np.ascontiguousarray(probs, dtype="<f4")),
-        "prediction": ("INT64", probs.argmax(axis=1).astype("<i8")),
-    }
+    tensors = output_tensors(probs)
     described, tail = [], []
     for name, binary in outputs:
         datatype, array = tensors[name]
