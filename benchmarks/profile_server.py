@@ -29,11 +29,16 @@ STAGES = (
         "image decode + preprocess (libspng, PIL, numpy)",
         ("pyspng/", "PIL/", "mnist_service/inference/preprocess.py", "numpy/"),
     ),
-    ("multipart parsing", ("multipart/", "formparsers.py", "datastructures.py")),
+    ("multipart parsing", ("multipart/", "formparsers.py", "datastructures.py", "mnist_service/serving/multipart.py")),
     ("logging", ("logging/",)),
-    ("metrics", ("prometheus_client/",)),
-    ("response encoding (pydantic, json)", ("pydantic", "json/", "encoders.py", "to_predictions")),
-    ("HTTP protocol (uvicorn, httptools)", ("uvicorn/protocols", "httptools")),
+    ("metrics", ("prometheus_client/", "mnist_service/metrics.py")),
+    ("response encoding (pydantic, json)", ("pydantic", "json/", "encoders.py", "prediction_dicts", "encode_json")),
+    ("data plane + batcher", ("mnist_service/serving/dataplane.py", "mnist_service/inference/predictor.py")),
+    (
+        "HTTP protocol (uvicorn, httptools, the hot path)",
+        ("uvicorn/protocols", "httptools", "mnist_service/serving/protocol.py", "mnist_service/serving/hotpath.py",
+         "mnist_service/serving/upload_codec.py"),
+    ),
     ("routing + middleware (fastapi, starlette)", ("fastapi/", "starlette/", "mnist_service/serving/middleware.py")),
     ("thread handoff (concurrent.futures, threading)", ("concurrent/futures", "threading.py", "queue.py")),
     ("event loop (asyncio, uvloop)", ("asyncio/", "uvloop", "run_until_complete")),
@@ -87,6 +92,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=15, help="seconds per py-spy recording")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--image", type=Path, help="image to upload (default: the 400x300 test digit)")
+    parser.add_argument("--env", action="append", default=[], help="server env override KEY=VALUE (repeatable)")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -98,7 +104,8 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     sections = []
-    with running(server_spec("ours", args.model, port), url, payload, OUT / "profile-server.log") as pid:
+    env = dict(item.split("=", 1) for item in args.env)
+    with running(server_spec("ours", args.model, port, env=env), url, payload, OUT / "profile-server.log") as pid:
         worker = a_worker(pid)
         hey = subprocess.Popen(
             ["hey", "-z", f"{2 * args.duration + 6}s", "-c", str(args.concurrency), "-m", "POST", "-D", str(body),

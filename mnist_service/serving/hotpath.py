@@ -237,7 +237,7 @@ class HotRequest:
         self.offered = offered
         self.header_length = header_length
         self.keep_alive = keep_alive
-        self.body = bytearray()
+        self.body: list[bytes] = []  # the chunks as they came; joined once, when complete
         self.reading = True
         self.body_timer: asyncio.TimerHandle | None = None
         self.response_complete = False
@@ -302,7 +302,7 @@ class HotRequest:
         query = dict(urllib.parse.parse_qsl(self.query.decode("latin-1"), keep_blank_values=True)) if self.query else {}
         self.target = self._resolve(query.get("version"))
         debug = upload_codec.parse_debug(query.get("debug"))
-        files = upload_codec.parse_uploads(self.content_type, bytes(self.body), "file", 1)
+        files = upload_codec.parse_uploads(self.content_type, b"".join(self.body), "file", 1)
         version = self.target.version
 
         def encode(probs: np.ndarray) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
@@ -337,7 +337,7 @@ class HotRequest:
         if self.model_name != self.hot.model_name:
             raise NotFound(f"unknown model '{self.model_name[:64]}': this server serves '{self.hot.model_name}'")
         header_length = int(self.header_length) if self.header_length is not None else None
-        header, binary = v2_codec.split_body(bytes(self.body), header_length)
+        header, binary = v2_codec.split_body(b"".join(self.body), header_length)
         parsed = v2_codec.parse_request(header)
         self.digits = v2_codec.decode_input(parsed.inputs[0], binary, self.hot.max_batch_files)
         outputs = v2_codec.requested_outputs(parsed)

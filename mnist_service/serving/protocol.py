@@ -242,7 +242,7 @@ def guarded_protocol(
             cycle = self.cycle
             if type(cycle) is HotRequest:
                 if cycle.reading:
-                    cycle.body += body
+                    cycle.body.append(body)
                 return
             super().on_body(body)
 
