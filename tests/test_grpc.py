@@ -345,6 +345,49 @@ def test_model_version_pins_a_version_as_on_rest(server: GrpcServer, digits: tup
     assert np.abs(answers["2"] - answers["1"]).max() > 0.01  # another model answered
 
 
+
+def test_kserve_inference_grpc_client_classifies_typed_and_raw(
+    server: GrpcServer, digits: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """KServe's own client, from its own venv (scripts/kserve_grpc_client.py makes it once; its pins clash)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from kserve_grpc_client import ensure_kserve_venv
+    finally:
+        sys.path.pop(0)
+    images, labels = digits[0][:16], digits[1][:16]
+    np.save(tmp_path / "digits.npy", images)
+    result = subprocess.run(
+        [str(ensure_kserve_venv()), "scripts/kserve_grpc_client.py", server.target, str(tmp_path / "digits.npy"),
+         API_KEY], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["mode"] for a in answers] == ["typed", "raw"]
+    for answer in answers:
+        assert answer["model_version"] == "1"
+        assert (np.asarray(answer["prediction"]) == labels).mean() >= 0.9
+    assert answers[0]["prediction"] == answers[1]["prediction"]
+
+
+def test_the_stress_tester_speaks_grpc(server: GrpcServer, tmp_path: Path) -> None:
+    """stress_testing.py --protocol grpc: the same report and JSON as over HTTP, every call counted by the server."""
+    before = server.metric("mnist_grpc_requests_total", method="ModelInfer", code="OK")
+    command = [sys.executable, "stress_testing.py", "--protocol", "grpc", "--url", server.target, "--requests", "300",
+               "--concurrency", "8", "--sequential-requests", "20", "--no-progress"]
+    result = subprocess.run([*command, "--api-key", API_KEY, "--json", str(tmp_path / "out.json")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "concurrent: 300 requests" in result.stdout and "errors none" in result.stdout
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["sequential"]["requests"] == 20 and report["concurrent"]["requests"] == 300
+    assert report["concurrent"]["errors"] == 0 and report["concurrent"]["latency_ms"]["p99"] > 0
+    assert server.metric("mnist_grpc_requests_total", method="ModelInfer", code="OK") == before + 320
+    # Without the key every call fails, by name, and the tester says so in its exit code.
+    result = subprocess.run([*command[:6], "--requests", "5", "--sequential-requests", "0", "--no-progress"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "errors UNAUTHENTICATED: 5" in result.stdout, result.stdout + result.stderr
+
 # --- errors -----------------------------------------------------------------------------------------
 
 

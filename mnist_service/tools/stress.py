@@ -4,7 +4,8 @@ The whole request (line, headers, body) is encoded once up front and replayed on
 HTTP/1.1 connections by a minimal client (`Connection`), so the tester spends its CPU on the
 socket, not on building requests: on a shared 2-core box the client competes with the server.
 httpx cost many times this client's CPU per request, which capped what the tester could measure
-(the figures are in docs/performance.md).
+(the figures are in docs/performance.md). Over gRPC (`build_grpc_payload`, `GrpcConnection`) the same
+holds: the ModelInfer message is serialized once and sent as bytes on a channel of its own per worker.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 ENDPOINTS = ("multipart", "raw", "pixels")
+PROTOCOLS = ("http", "grpc")
+GRPC_CONTENT_TYPE = "application/grpc"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Payload:
     path: str
     body: bytes
     content_type: str
+    api_key: str | None = None  # sent as X-API-Key (metadata x-api-key over gRPC)
 
 
 def build_payload(image: bytes, mode: str = "multipart", pixels: list[int] | None = None) -> Payload:
@@ -51,6 +55,17 @@ def build_payload(image: bytes, mode: str = "multipart", pixels: list[int] | Non
     raise ValueError(f"mode must be one of {ENDPOINTS}")
 
 
+def build_grpc_payload(pixels: np.ndarray, model_name: str = "mnist") -> Payload:
+    """A serialized gRPC ModelInfer request for one digit (28 x 28 pixels, white on black) as raw UINT8."""
+    # Imported here: our generated modules can't share a process with tritonclient.grpc's (mnist_service/protos).
+    from mnist_service.protos import grpc_predict_v2_pb2 as pb
+
+    digit = np.asarray(pixels, dtype=np.uint8).reshape(1, 28, 28)
+    tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="UINT8", shape=digit.shape)
+    request = pb.ModelInferRequest(model_name=model_name, inputs=[tensor], raw_input_contents=[digit.tobytes()])
+    return Payload("/inference.GRPCInferenceService/ModelInfer", request.SerializeToString(), GRPC_CONTENT_TYPE)
+
+
 @dataclass
 class PhaseResult:
     latencies_ms: list[float] = field(default_factory=list)
@@ -63,7 +78,7 @@ class PhaseResult:
 
     @property
     def errors(self) -> int:
-        return sum(n for status, n in self.statuses.items() if not status.startswith("2"))
+        return sum(n for status, n in self.statuses.items() if not _success(status))
 
     def summary(self) -> dict[str, Any]:
         """The JSON shape: requests, errors, throughput_rps, latency_ms {mean, p50, ..., max}."""
@@ -93,8 +108,9 @@ class Connection:
         self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self.timeout_s = timeout_s
         path = parts.path.rstrip("/") + payload.path
+        key = f"X-API-Key: {payload.api_key}\r\n" if payload.api_key else ""
         self.request = (
-            f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: mnist-stress\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: mnist-stress\r\n{key}"
             f"Content-Type: {payload.content_type}\r\nContent-Length: {len(payload.body)}\r\n\r\n"
         ).encode() + payload.body
         self.reader: asyncio.StreamReader | None = None
@@ -143,6 +159,47 @@ class Connection:
                 pass
 
 
+class GrpcConnection:
+    """One gRPC channel, a connection of its own, that sends the same serialized request over and over.
+
+    The call takes and returns bytes (no serializer), so the tester decodes nothing; the status is the
+    gRPC code's name ("OK", "UNAVAILABLE", ...).
+    """
+
+    def __init__(self, url: str, payload: Payload, timeout_s: float) -> None:
+        import grpc  # only the gRPC mode needs it
+
+        self.grpc = grpc
+        target = url.split("://", 1)[-1].rstrip("/")
+        # A local subchannel pool: channels to one target would otherwise share one connection (one worker).
+        self.channel = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        self.call = self.channel.unary_unary(payload.path)
+        self.body = payload.body
+        self.metadata = (("x-api-key", payload.api_key),) if payload.api_key else None
+        self.timeout_s = timeout_s
+
+    async def send(self) -> str:
+        try:
+            await self.call(self.body, timeout=self.timeout_s, metadata=self.metadata)
+        except self.grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        return "OK"
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def connect(url: str, payload: Payload, timeout_s: float) -> Connection | GrpcConnection:
+    """The connection that sends `payload`: gRPC for a gRPC payload, else HTTP/1.1."""
+    if payload.content_type == GRPC_CONTENT_TYPE:
+        return GrpcConnection(url, payload, timeout_s)
+    return Connection(url, payload, timeout_s)
+
+
+def _success(status: str) -> bool:
+    return status.startswith("2") or status == "OK"
+
+
 def _header(head: bytes, name: bytes) -> bytes | None:
     """A header's value from a lower-cased response head, or None."""
     start = head.find(b"\r\n" + name + b":")
@@ -182,7 +239,7 @@ async def run_phase(
         return True
 
     async def worker() -> None:
-        connection = Connection(url, payload, timeout_s)
+        connection = connect(url, payload, timeout_s)
         try:
             while more():
                 start = time.perf_counter()
@@ -202,7 +259,7 @@ async def run_phase(
 def format_report(name: str, result: PhaseResult) -> str:
     s = result.summary()
     lat = s["latency_ms"]
-    errors = ", ".join(f"{k}: {v}" for k, v in sorted(result.statuses.items()) if not k.startswith("2")) or "none"
+    errors = ", ".join(f"{k}: {v}" for k, v in sorted(result.statuses.items()) if not _success(k)) or "none"
     return (
         f"{name}: {s['requests']} requests in {result.seconds:.2f}s, {s['throughput_rps']} req/s, errors {errors}\n"
         f"  latency ms: mean {lat['mean']:.2f}  p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  "
