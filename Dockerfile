@@ -55,7 +55,7 @@ RUN set -eux; \
     find "$site/numpy" -depth -type d -name tests -exec rm -rf {} +; \
     strip --strip-unneeded "$torch_dir"/lib/*.so* "$torch_dir"/_C*.so "$site"/uvloop/*.so \
           "$site"/httptools/parser/*.so; \
-    /opt/venv/bin/python -c 'import torch, fastapi, uvicorn, PIL, numpy'; \
+    /opt/venv/bin/python -c 'import torch, fastapi, uvicorn, PIL, numpy, grpc, grpc_health.v1.health'; \
     PYTHONPATH=/opt/train-extras /opt/venv/bin/python -c 'import torch._dynamo'; \
     /opt/venv/bin/pip uninstall -y pip setuptools
 
@@ -98,12 +98,15 @@ LABEL org.opencontainers.image.title="mnist-service" \
 # MODEL_PATH to serve one .pt file.
 ENV MODEL_REPOSITORY=/app/models \
     HOST=0.0.0.0 \
-    PORT=8000
+    PORT=8000 \
+    GRPC_PORT=8001
 COPY model_inference.py ./
 # Every version and config.json (its policy and labels), as `make train` published them.
 COPY models/mnist/ models/mnist/
 RUN python -m compileall -q model_inference.py
 USER 10001:10001
+# The Open Inference Protocol over gRPC (GRPC_PORT, docs/grpc.md), then HTTP.
+EXPOSE 8001
 EXPOSE 8000
 # stdlib only: no curl in the image. Any non-2xx or refused connection raises -> unhealthy.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \

@@ -28,7 +28,7 @@ TOOLS_BIN = ROOT / ".venv-tools" / "bin"
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 APP = "mnist-service"
 # Each overlay in k8s/overlays has a fixture of the same name; test_every_overlay_is_tested keeps them in step.
-OVERLAYS = ("local", "ingress", "repository")
+OVERLAYS = ("local", "ingress", "repository", "grpc")
 # The ingress overlay's placeholders, which the user replaces (k8s/overlays/ingress/ingress.yaml).
 INGRESS_HOST = "mnist.example.com"
 INGRESS_TLS_SECRET = "mnist-service-tls"
@@ -77,6 +77,11 @@ def ingress() -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def repository() -> list[dict[str, Any]]:
     return _render(REPOSITORY)
+
+
+@pytest.fixture(scope="module")
+def grpc() -> list[dict[str, Any]]:
+    return _render(K8S / "overlays" / "grpc")
 
 
 def _one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -214,7 +219,8 @@ def test_a_hung_worker_is_replaced_before_the_probes_would_act(base: list[dict[s
 
 def test_container_port_matches_configured_port(base: list[dict[str, Any]]) -> None:
     deployment = _one(base, "Deployment")
-    (port,) = _container(deployment)["ports"]
+    port, grpc_port = _container(deployment)["ports"]
+    assert (grpc_port["name"], grpc_port["containerPort"]) == ("grpc", int(_config(base)["GRPC_PORT"]))
     assert port["name"] == "http"
     assert port["containerPort"] == int(_config(base)["PORT"])
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
@@ -226,10 +232,12 @@ def test_container_port_matches_configured_port(base: list[dict[str, Any]]) -> N
 def test_service_targets_the_named_port(base: list[dict[str, Any]]) -> None:
     service = _one(base, "Service")
     assert service["spec"]["type"] == "ClusterIP"
-    (port,) = service["spec"]["ports"]
+    port, grpc_port = service["spec"]["ports"]
     assert port["name"] == "http"
     assert port["targetPort"] == "http"
     assert port["targetPort"] in {p["name"] for p in _container(_one(base, "Deployment"))["ports"]}
+    # gRPC under its own name and appProtocol, so that meshes and gateways speak HTTP/2 to it.
+    assert (grpc_port["name"], grpc_port["targetPort"], grpc_port["appProtocol"]) == ("grpc", "grpc", "grpc")
 
 
 def test_hpa_scales_the_deployment_on_cpu(base: list[dict[str, Any]]) -> None:
@@ -338,12 +346,33 @@ def test_settings_reach_the_container(base: list[dict[str, Any]]) -> None:
     assert ref["optional"] is True and ref["name"] and ref["key"]
 
 
-def test_network_policy_opens_only_the_http_port(base: list[dict[str, Any]]) -> None:
+def test_network_policy_opens_only_the_http_and_grpc_ports(base: list[dict[str, Any]]) -> None:
     spec = _one(base, "NetworkPolicy")["spec"]
     assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
     assert spec["egress"] == []
     ports = [p["port"] for rule in spec["ingress"] for p in rule["ports"]]
-    assert ports == ["http"]
+    assert ports == ["http", "grpc"]
+
+
+# --- the grpc overlay --------------------------------------------------------------------------
+
+
+def test_grpc_overlay_probes_readiness_over_grpc_on_the_grpc_port(
+    base: list[dict[str, Any]], grpc: list[dict[str, Any]]
+) -> None:
+    container, base_container = _container(_one(grpc, "Deployment")), _container(_one(base, "Deployment"))
+    probe = container["readinessProbe"]
+    # By number (Kubernetes resolves no port name for a gRPC probe): the container's grpc port and GRPC_PORT.
+    (grpc_port,) = [p["containerPort"] for p in container["ports"] if p["name"] == "grpc"]
+    assert probe["grpc"]["port"] == grpc_port == _settings(grpc).grpc_port != 0
+    assert "httpGet" not in probe and probe.get("grpc", {}).get("service", "") == ""  # the server as a whole
+    # Timing as the HTTP probe's; liveness and start-up untouched.
+    assert {k: v for k, v in probe.items() if k != "grpc"} == {
+        k: v for k, v in base_container["readinessProbe"].items() if k != "httpGet"
+    }
+    for other in ("livenessProbe", "startupProbe"):
+        assert container[other] == base_container[other]
+    assert [o["kind"] for o in grpc] == [o["kind"] for o in base]
 
 
 # --- the local overlay -------------------------------------------------------------------------
