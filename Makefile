@@ -43,7 +43,12 @@ train: $(VENV)/.runtime
 run: $(VENV)/.runtime $(REPO_CONFIG)
 	MODEL_REPOSITORY=$(MODEL_REPO) MODEL_NAME=$(MODEL_NAME) $(PY) model_inference.py
 
-test: $(VENV)/.dev $(TOOLS_VENV)/.installed
+# Debian's PostgreSQL server binaries, for the capture tests (each starts its own server in a temporary folder).
+$(VENV)/.postgresql: scripts/install_postgresql.sh
+	scripts/install_postgresql.sh
+	touch $@
+
+test: $(VENV)/.dev $(TOOLS_VENV)/.installed $(VENV)/.postgresql
 	$(PY) -m pytest
 
 CONTAINER ?= docker

@@ -160,6 +160,35 @@ class Metrics:
             "Requests answered 431 and closed because their headers were over MAX_HEADER_BYTES or MAX_HEADERS.",
             registry=r,
         )
+        # Ground truth (docs/ground-truth.md): captures, the labels sent back, live accuracy.
+        self.captures = Counter(
+            "mnist_captures", "Captured images (the 28x28 input, the answer, the request id) written to the capture "
+            "database (CAPTURE_SAMPLE of the requests).", registry=r,
+        )
+        self.capture_dropped = Counter(
+            "mnist_capture_dropped", "Captured images not stored, by reason: buffer_full (the database is slower "
+            "than the traffic), database_error (it is down, full or read-only and CAPTURE_BUFFER filled), shutdown "
+            "(still unwritten when the worker stopped).", ["reason"], registry=r,
+        )
+        self.feedback = Counter(
+            "mnist_feedback", "Labels received for captured predictions (POST /feedback), by the version that "
+            "answered and whether its answer was correct or wrong; a label that replaces an earlier one is not "
+            "counted again.", ["version", "outcome"], registry=r,
+        )
+        self.feedback_wrong = Counter(
+            "mnist_feedback_wrong", "Wrong answers that feedback revealed, by version, the digit predicted and the "
+            "label given: the confusion of the model's mistakes.", ["version", "predicted", "label"], registry=r,
+        )
+        self.labelled_captures = Gauge(
+            "mnist_labelled_captures", "Labelled captures in the capture database, per class: the ground truth "
+            "that retraining (model_train.py --feedback) can use.", ["label"], multiprocess_mode="livemostrecent",
+            registry=r,
+        )
+        self.test_accuracy = Gauge(
+            "mnist_model_test_accuracy", "A model version's accuracy on the MNIST test set, from its metadata, "
+            "exported for the versions feedback arrived for (live accuracy is compared with it).", ["version"],
+            multiprocess_mode="max", registry=r,
+        )
         # A gauge fixed at 1, not an Info: multiprocess mode cannot aggregate Info metrics.
         self.model_info = Gauge(
             "mnist_model_info", "1 for each model version loaded and ready (0 once unloaded), with its labels.",

@@ -152,6 +152,28 @@ class Settings(BaseSettings):
         default_factory=list, description="Allowed CORS origins; empty means CORS is off."
     )
 
+    capture_sample: float = Field(
+        0.0, ge=0, le=1, description="Share of requests whose 28x28 inputs, answers and request id are kept in "
+        "CAPTURE_DATABASE for feedback (POST /feedback) and retraining (docs/ground-truth.md). 0: capture and "
+        "feedback are off; 1: every prediction.",
+    )
+    capture_database: str = Field(
+        "captures.sqlite3", description="Where captures go: a SQLite file (a path or sqlite:///path; WAL mode, "
+        "shared by the server's workers) or postgresql://user:password@host/db for several pods or servers.",
+    )
+    capture_max_rows: int | None = Field(
+        1_000_000, ge=1, description="Captured images kept at most; the oldest unlabelled go first, then the oldest "
+        "labelled. Enforced every minute while serving. Unset: no limit.",
+    )
+    capture_max_days: float | None = Field(
+        30.0, gt=0, description="Captures older than this are deleted, labelled or not (enforced every minute). "
+        "Unset: kept until CAPTURE_MAX_ROWS.",
+    )
+    capture_buffer: int = Field(
+        10_000, ge=1, description="Captured images a worker holds in memory while the database is slow or down; "
+        "beyond it new captures are dropped and counted in mnist_capture_dropped_total.",
+    )
+
     @property
     def resolved_metadata_path(self) -> Path:
         if self.model_path is None:

@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from mnist_service.capture.recorder import capture_from_settings
 from mnist_service.errors import error_body
 from mnist_service.inference import model as model_lib
 from mnist_service.inference.images import noise_image, png_bytes
@@ -28,7 +29,7 @@ from mnist_service.registry.repository import VersionFiles
 from mnist_service.serving.dataplane import DataPlane, InFlight
 from mnist_service.serving.direct import ServiceApp
 from mnist_service.serving.middleware import RequestContextMiddleware
-from mnist_service.serving.routes import health, predict, repository, v2, web
+from mnist_service.serving.routes import feedback, health, predict, repository, v2, web
 from mnist_service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,12 @@ async def lifespan(app: ServiceApp) -> AsyncIterator[None]:
     await asyncio.to_thread(image_to_digit, png_bytes(noise_image(64)))
     app.state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     app.state.registry = registry
-    app.state.dataplane = DataPlane(registry, app.state.in_flight)
+    # Capture (CAPTURE_SAMPLE > 0): its writer thread starts even if the database is down or read-only
+    # (it logs that and retries), so serving never waits for it.
+    app.state.capture = capture = capture_from_settings(settings, app.state.metrics)
+    if capture is not None:
+        capture.start()
+    app.state.dataplane = DataPlane(registry, app.state.in_flight, capture)
     # Everything loaded so far (torch, the model, FastAPI's routes) lives as long as the process.
     # Freezing it keeps the garbage collector's full passes from walking ~200,000 objects: those
     # passes stalled a worker for 80 ms every few seconds under load, which was the p99.
@@ -79,6 +85,8 @@ async def lifespan(app: ServiceApp) -> AsyncIterator[None]:
     finally:
         await registry.stop()
         app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
+        if capture is not None:
+            await asyncio.to_thread(capture.stop)
 
 
 def _request_id(request: Request) -> str | None:
@@ -124,7 +132,7 @@ def create_app(settings: Settings | None = None) -> ServiceApp:
     app.state.draining = False
     app.state.in_flight = InFlight()  # filled in by the HTTP protocol: a lone request skips the batcher
     # The upload routes first: the router tries routes in order, and they take most of the traffic.
-    for router in (predict.router, health.router, v2.router, repository.router, web.router):
+    for router in (predict.router, health.router, v2.router, repository.router, feedback.router, web.router):
         app.include_router(router)
     # The upload routes carry most of the traffic and need neither routing nor dependency injection.
     app.serve_directly(predict.router, "/predict", "/predict/batch", "/predict/compare")

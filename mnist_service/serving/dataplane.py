@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from mnist_service.capture.recorder import Recorder
 from mnist_service.registry.registry import Registry, Version
 
 
@@ -58,9 +59,10 @@ class InFlight:
 class DataPlane:
     """Resolve, batch, predict, shadow: what every front door shares."""
 
-    def __init__(self, registry: Registry, in_flight: InFlight) -> None:
+    def __init__(self, registry: Registry, in_flight: InFlight, capture: Recorder | None = None) -> None:
         self.registry = registry
         self.in_flight = in_flight
+        self.capture = capture  # CAPTURE_SAMPLE > 0: sampled requests' digits and answers are kept
 
     def target(self, requested: str | None) -> Target:
         """The ready version for a request that named `requested` (None or "" for the default).
@@ -92,6 +94,8 @@ class DataPlane:
                 shadow(future)
             else:
                 future.add_done_callback(shadow)
+        if self.capture is not None and request is not None:
+            self.capture.watch(future, request.request_id, request.route, version.name, digits)
         return future
 
     async def infer(
@@ -106,7 +110,9 @@ class DataPlane:
         if not versions:
             self.registry.resolve(None)  # raises the right 503
         alone = self.in_flight.alone()
+        # Not captured (request=None): several versions answer one request, and the page that asks
+        # for a comparison has just had the same picture predicted (and maybe captured).
         answers = await asyncio.gather(
-            *(self.submit(Target(v, pinned=True), digits, alone=alone, request=request) for v in versions)
+            *(self.submit(Target(v, pinned=True), digits, alone=alone) for v in versions)
         )
         return list(zip(versions, answers, strict=True))

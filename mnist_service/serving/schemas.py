@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from mnist_service.inference.model import CLASS_LABELS
+
 
 class Prediction(BaseModel):
     prediction: int = Field(description="The predicted digit, 0-9.", examples=[7])
@@ -104,3 +106,38 @@ ERROR_RESPONSES = error_responses(
         503: "Overloaded or not ready; retry after the Retry-After seconds.",
     },
 )
+
+
+# ---- ground truth (docs/ground-truth.md) -------------------------------------------------------
+
+_CLASSES = len(CLASS_LABELS)
+
+
+class FeedbackRequest(BaseModel):
+    request_id: str = Field(
+        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$",
+        description="The prediction's request id: its X-Request-ID response header.", examples=["3f2a9c0d4e5b6a7f"],
+    )
+    label: int = Field(ge=0, le=_CLASSES - 1, description="What the digit really was.", examples=[7])
+    item: int = Field(
+        0, ge=0, description="Which image of a request that sent several (/predict/batch, v2 with N > 1), from 0."
+    )
+
+
+class FeedbackReceipt(BaseModel):
+    model_config = {"protected_namespaces": ()}
+
+    request_id: str = Field(description="The request the label belongs to.")
+    item: int = Field(description="Which of its images.")
+    label: int = Field(description="The label stored.")
+    prediction: int = Field(description="What the model answered.")
+    model_version: str = Field(description="The version that answered.")
+    correct: bool = Field(description="Whether the answer was the label.")
+    replaced: bool = Field(description="True when this label replaced an earlier one for the same image.")
+    previous_label: int | None = Field(None, description="The label replaced, if any.")
+    detail: str = Field(description="What happened, in words.")
+
+
+class Erasure(BaseModel):
+    request_id: str
+    deleted: int = Field(description="Captured images deleted (one per image of the request).")

@@ -1,0 +1,246 @@
+"""Capture on the serving side: sampled predictions go to a bounded buffer on the event loop (one
+append), and one writer thread per worker moves them to the capture database in batches, enforces
+retention and refreshes the labelled-capture counts. Requests never wait for the database: when it
+is slow, full or down, the buffer fills, what does not fit is dropped and counted
+(mnist_capture_dropped_total), and writing resumes by itself once the database is back.
+
+The feedback routes use the same object for their few synchronous operations (find, label, erase,
+store a labelled example), on a connection of their own, in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+
+from mnist_service.capture.store import CaptureStore, CaptureUnavailable, Row, as_row
+from mnist_service.metrics import Metrics
+from mnist_service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Why a capture was not stored: the database keeps up but not fast enough (buffer_full), the database
+# failed while the buffer filled (database_error), or the worker stopped with it still failing (shutdown).
+DROP_REASONS = ("buffer_full", "database_error", "shutdown")
+CLASSES = 10
+
+# (request id, route, version, digits (n, 28, 28), probabilities (n, 10), unix time)
+_Entry = tuple[str, str, str, np.ndarray, np.ndarray, float]
+
+
+class Recorder:
+    """Sampled captures of one worker, on their way to the capture database, and the feedback routes' access to it."""
+
+    def __init__(
+        self,
+        url: str,
+        metrics: Metrics,
+        *,
+        sample: float,
+        capacity: int,
+        max_rows: int | None,
+        max_age_s: float | None,
+        flush_s: float = 0.5,
+        batch: int = 512,
+        retention_s: float = 60.0,
+        retry_s: float = 1.0,
+    ) -> None:
+        self.writer_store = CaptureStore(url)  # the writer thread's connection
+        self.request_store = CaptureStore(url)  # the feedback routes' connection, under a lock
+        self.where = self.writer_store.where
+        self.metrics = metrics
+        self.sample = sample
+        self.capacity = capacity  # images held in memory, besides the batch being written
+        self.max_rows, self.max_age_s = max_rows, max_age_s
+        self.flush_s, self.batch, self.retention_s, self.retry_s = flush_s, batch, retention_s, retry_s
+        self.failing: str | None = None  # the database's last error while writes fail
+        self._buffer: deque[_Entry] = deque()
+        self._buffered = 0  # images in _buffer
+        self._lock = threading.Lock()  # _buffer and _buffered, shared by the event loop and the writer
+        self._request_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._dropped_while_failing = 0
+        for reason in DROP_REASONS:  # at 0 from the start, so the first drop counts in rate()
+            metrics.capture_dropped.labels(reason)
+
+    # ---- the request path: called on the event loop --------------------------------------------
+
+    def watch(self, future: asyncio.Future[np.ndarray], request_id: str, route: str, version: str,
+              digits: np.ndarray) -> None:
+        """Capture a request's digits and answer once its future has them, if the request is sampled."""
+        if self.sample < 1 and random.random() >= self.sample:  # noqa: S311  # nosec B311  # sampling, not security
+            return
+        at = time.time()
+
+        def keep(done: asyncio.Future[np.ndarray]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self.add((request_id, route, version, digits, done.result(), at))
+
+        if future.done():  # answered inline
+            keep(future)
+        else:
+            future.add_done_callback(keep)
+
+    def add(self, entry: _Entry) -> None:
+        """Queue one request's capture for the writer; dropped and counted when the buffer is full."""
+        images, full_batch = len(entry[3]), False
+        with self._lock:
+            if self._buffered + images <= self.capacity:
+                self._buffer.append(entry)
+                self._buffered += images
+                full_batch = self._buffered >= self.batch
+                images = 0
+        if images:
+            self._drop("database_error" if self.failing else "buffer_full", images)
+        elif full_batch:
+            self._wake.set()
+
+    def _drop(self, reason: str, images: int) -> None:
+        self.metrics.capture_dropped.labels(reason).inc(images)
+        if self.failing:
+            self._dropped_while_failing += images
+
+    # ---- the writer thread ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
+        self._thread.start()
+        logger.info(
+            "capturing %g of predictions into %s (up to %d images buffered per worker)",
+            self.sample, self.where, self.capacity,
+        )
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Write what is buffered (for up to timeout_s), then close; what could not be written is counted."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        with self._lock:
+            left, self._buffered = self._buffered, 0
+            self._buffer.clear()
+        if left:
+            self.metrics.capture_dropped.labels("shutdown").inc(left)
+            logger.warning("capture: %d images not written to %s at shutdown", left, self.where)
+        self.writer_store.close()
+        self.request_store.close()
+
+    def _take(self) -> list[Row]:
+        rows: list[Row] = []
+        with self._lock:
+            while self._buffer and len(rows) < self.batch:
+                request_id, route, version, digits, probs, at = self._buffer.popleft()
+                self._buffered -= len(digits)
+                rows.extend((request_id, i, at, route, version, digits[i], probs[i]) for i in range(len(digits)))
+        return [as_row(*row) for row in rows]
+
+    def _run(self) -> None:
+        pending: list[Row] = []
+        next_retention = 0.0
+        while True:
+            stopping = self._stopping.is_set()
+            pending = pending or self._take()
+            try:
+                if pending:
+                    self.writer_store.insert(pending)
+                    self.metrics.captures.inc(len(pending))
+                    pending = []
+                    self._recovered()
+                if time.monotonic() >= next_retention:
+                    self._retention()
+                    next_retention = time.monotonic() + self.retention_s
+                    self._recovered()
+            except CaptureUnavailable as exc:
+                self._failed(str(exc))
+                if stopping:
+                    self.metrics.capture_dropped.labels("shutdown").inc(len(pending))
+                    return
+                self._stopping.wait(self.retry_s)
+                continue
+            except Exception:  # a bug must not end capture for the life of the worker
+                logger.exception("capture: writing a batch failed; %d images dropped", len(pending))
+                self.metrics.capture_dropped.labels("database_error").inc(len(pending))
+                pending = []
+            with self._lock:
+                more = self._buffered
+            if stopping and not more:
+                return
+            if more < self.batch and not stopping:
+                self._wake.wait(self.flush_s)
+                self._wake.clear()
+
+    def _retention(self) -> None:
+        deleted = self.writer_store.enforce_retention(self.max_rows, self.max_age_s)
+        if deleted:
+            logger.info("capture: retention deleted %d captures from %s", deleted, self.where)
+        self._export_counts(self.writer_store.label_counts())
+
+    def _export_counts(self, counts: dict[int, int]) -> None:
+        for label in range(CLASSES):
+            self.metrics.labelled_captures.labels(str(label)).set(counts.get(label, 0))
+
+    def _failed(self, error: str) -> None:
+        if self.failing is None:
+            logger.error(
+                "capture: the database %s can't be written (%s); serving goes on, up to %d images wait in memory, "
+                "beyond that captures are dropped (mnist_capture_dropped_total); retrying every %g s",
+                self.where, error, self.capacity, self.retry_s,
+            )
+        self.failing = error
+
+    def _recovered(self) -> None:
+        if self.failing is not None:
+            logger.info(
+                "capture: the database %s is writable again; %d images were dropped meanwhile",
+                self.where, self._dropped_while_failing,
+            )
+            self.failing = None
+            self._dropped_while_failing = 0
+
+    def flush_soon(self) -> None:
+        """Ask the writer to write what is buffered now, not at its next interval."""
+        self._wake.set()
+
+    # ---- the feedback routes: run in a thread, on their own connection -----------------------------
+
+    async def run(self, operation: Callable[[CaptureStore], T]) -> T:
+        """One store operation off the event loop; CaptureUnavailable when the database fails."""
+
+        def locked() -> T:
+            with self._request_lock:
+                return operation(self.request_store)
+
+        return await asyncio.to_thread(locked)
+
+    async def refresh_counts(self) -> None:
+        """Export the labelled-capture counts now (after a label), not at the next retention pass."""
+        try:
+            self._export_counts(await self.run(lambda store: store.label_counts()))
+        except CaptureUnavailable:
+            pass  # the writer's next pass exports them
+
+
+def capture_from_settings(settings: Settings, metrics: Metrics) -> Recorder | None:
+    """The worker's Recorder when CAPTURE_SAMPLE > 0, else None (capture and feedback off)."""
+    if settings.capture_sample <= 0:
+        return None
+    return Recorder(
+        settings.capture_database,
+        metrics,
+        sample=settings.capture_sample,
+        capacity=settings.capture_buffer,
+        max_rows=settings.capture_max_rows,
+        max_age_s=settings.capture_max_days * 86400 if settings.capture_max_days is not None else None,
+    )

@@ -1,0 +1,346 @@
+"""The capture database and the recorder: real SQLite files and a real PostgreSQL (Debian's package,
+started here with initdb and pg_ctl in a temporary folder, as a non-root user, on a free loopback port).
+
+Also the faults: a database that stops mid-stream (PostgreSQL stopped, then started again), a SQLite
+file on a full filesystem and on a read-only one (small tmpfs mounts: these tests need root, as CI has).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_service.capture.recorder import Recorder
+from mnist_service.capture.store import CaptureStore, CaptureUnavailable, as_row, redacted
+from mnist_service.metrics import Metrics
+
+from .conftest import free_port
+
+PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+
+
+@dataclass
+class Postgres:
+    """A PostgreSQL server of the tests' own: its URL, and stop/start for the fault tests."""
+
+    folder: Path
+    port: int
+    user: str | None  # the system user it runs as (root can't run it), None when we are not root
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres:secret-pw@127.0.0.1:{self.port}/postgres"
+
+    def pg_ctl(self, *args: str) -> None:
+        command = [str(PG_BIN[-1]), "-D", str(self.folder / "data"), "-w", "-t", "60", *args]
+        if self.user is not None:
+            command = ["runuser", "-u", self.user, "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=90)
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.folder}"
+        self.pg_ctl("-l", str(self.folder / "postgres.log"), "-o", options, "start")
+
+    def stop(self) -> None:
+        self.pg_ctl("-m", "fast", "stop")
+
+
+def _pg_user() -> str | None:
+    """A non-root user to run PostgreSQL as (Debian's package creates `postgres`)."""
+    if os.geteuid() != 0:
+        return None
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam("postgres").pw_name
+    subprocess.run(["useradd", "--system", "--no-create-home", "mnist-pg"], check=True)
+    return "mnist-pg"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    if not PG_BIN:
+        pytest.fail("PostgreSQL is not installed: run scripts/install_postgresql.sh (make test does)")
+    user = _pg_user()
+    # Under /tmp itself: pytest's temporary folders are private to root, and PostgreSQL runs as `user`.
+    folder = Path(tempfile.mkdtemp(prefix="mnist-pg-"))
+    password = folder / "password"
+    password.write_text("secret-pw\n")
+    if user is not None:
+        shutil.chown(folder, user)
+        shutil.chown(password, user)
+    initdb = [str(PG_BIN[-1].parent / "initdb"), "-D", str(folder / "data"), "-U", "postgres",
+              "--auth=scram-sha-256", f"--pwfile={password}", "--no-sync"]
+    if user is not None:
+        initdb = ["runuser", "-u", user, "--", *initdb]
+    subprocess.run(initdb, check=True, capture_output=True, timeout=120)
+    server = Postgres(folder, free_port(), user)
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh capture database of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'captures.sqlite3'}"
+        return
+    server: Postgres = request.getfixturevalue("postgres")
+    yield server.url
+    with contextlib.suppress(CaptureUnavailable), CaptureStore(server.url).transaction() as cur:
+        cur.execute("DROP TABLE IF EXISTS captures")
+
+
+def _digits(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+
+
+def _probs(n: int, seed: int = 0) -> np.ndarray:
+    p = np.random.default_rng(seed).random((n, 10)).astype(np.float32)
+    return p / p.sum(1, keepdims=True)
+
+
+def _rows(n: int, prefix: str = "r", at: float = 1_000_000.0, label: int | None = None) -> list:
+    digits, probs = _digits(n), _probs(n)
+    return [as_row(f"{prefix}{i}", 0, at + i, "/predict", "1", digits[i], probs[i], label) for i in range(n)]
+
+
+# --- the store ---------------------------------------------------------------------------------------
+
+
+def test_a_capture_reads_back_as_written(database_url: str) -> None:
+    store = CaptureStore(database_url)
+    digits, probs = _digits(3), _probs(3)
+    store.insert([as_row("req-1", i, 1700000000.5, "/predict/batch", "2", digits[i], probs[i]) for i in range(3)])
+    found = store.find("req-1")
+    assert [c.item for c in found] == [0, 1, 2]
+    for capture, digit, prob in zip(found, digits, probs, strict=True):
+        assert capture.route == "/predict/batch" and capture.version == "2" and capture.label is None
+        assert capture.captured_at == 1700000000.5
+        np.testing.assert_array_equal(capture.image, digit)
+        np.testing.assert_array_equal(capture.probabilities, prob)
+        assert capture.prediction == int(prob.argmax())
+    assert store.find("req-2") == []
+    # An id stored already (a client reusing X-Request-ID) keeps its first capture.
+    store.insert([as_row("req-1", 0, 1.0, "/predict", "9", digits[1], probs[1])])
+    assert store.find("req-1")[0].version == "2" and store.count() == 3
+
+
+def test_float_digits_are_stored_as_the_uint8_image() -> None:
+    digit = np.full((28, 28), 127.6, dtype=np.float32)
+    digit[0, 0], digit[0, 1] = -3.0, 300.0
+    row = as_row("x", 0, 0.0, "/v2", "1", digit, _probs(1)[0])
+    image = np.frombuffer(row[7], dtype=np.uint8).reshape(28, 28)
+    assert image[0, 0] == 0 and image[0, 1] == 255 and image[5, 5] == 128
+
+
+def test_labels_replace_and_say_what_they_replaced(database_url: str) -> None:
+    store = CaptureStore(database_url)
+    store.insert(_rows(2))
+    first = store.label("r0", 0, 7)
+    assert first is not None and first.label is None
+    second = store.label("r0", 0, 4)
+    assert second is not None and second.label == 7
+    assert store.find("r0")[0].label == 4
+    assert store.label("r0", 1, 4) is None  # no such image
+    assert store.label("unknown", 0, 4) is None
+    assert store.label_counts() == {4: 1}
+    assert [c.request_id for c in store.labelled()] == ["r0"]
+
+
+def test_erasure_deletes_every_image_of_a_request(database_url: str) -> None:
+    store = CaptureStore(database_url)
+    digits, probs = _digits(2), _probs(2)
+    store.insert([as_row("many", i, 1.0, "/predict/batch", "1", digits[i], probs[i], 3) for i in range(2)])
+    store.insert(_rows(1))
+    assert store.delete("many") == 2
+    assert store.find("many") == [] and store.count() == 1
+    assert store.delete("many") == 0
+    assert store.label_counts() == {}
+
+
+def test_retention_by_age_and_by_rows_keeps_labels_longest(database_url: str) -> None:
+    store = CaptureStore(database_url)
+    store.insert(_rows(10, prefix="old", at=1000.0))  # captured at 1000-1009
+    store.insert(_rows(10, prefix="new", at=5000.0))
+    store.label("old8", 0, 1)
+    assert store.enforce_retention(None, max_age_s=100, now=1108.5) == 9  # old0-old8 are over 100 s, labelled or not
+    assert {c.request_id for c in store.labelled()} == set()
+    assert store.count() == 11
+    store.label("new0", 0, 2)  # the oldest row, but labelled
+    store.label("new1", 0, 3)
+    assert store.enforce_retention(max_rows=5, max_age_s=None) == 6
+    kept = sorted(c.request_id for c in [*store.find("new0"), *store.find("new1")])
+    assert kept == ["new0", "new1"]  # the unlabelled went first
+    assert store.count() == 5
+
+
+def test_the_password_never_reaches_the_logs() -> None:
+    assert redacted("postgresql://capture:s3cret@db:5432/mnist") == "postgresql://capture:***@db:5432/mnist"
+    assert "s3cret" not in CaptureStore("postgresql://capture:s3cret@db/mnist").where
+
+
+def test_an_unreachable_postgres_is_unavailable_not_a_crash() -> None:
+    store = CaptureStore(f"postgresql://nobody:pw@127.0.0.1:{free_port()}/none")
+    with pytest.raises(CaptureUnavailable, match="refused"):
+        store.count()
+
+
+# --- the recorder ------------------------------------------------------------------------------------
+
+
+def _samples(metrics: Metrics, name: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def _eventually(check: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _recorder(url: str, **options: object) -> Iterator[tuple[Recorder, Metrics]]:
+    metrics = Metrics()
+    settings = {"sample": 1.0, "capacity": 1000, "max_rows": None, "max_age_s": None, "flush_s": 0.05,
+                "retry_s": 0.2, **options}
+    recorder = Recorder(url, metrics, **settings)  # type: ignore[arg-type]
+    recorder.start()
+    try:
+        yield recorder, metrics
+    finally:
+        recorder.stop()
+
+
+def _entry(request_id: str, n: int = 1) -> tuple:
+    return (request_id, "/predict", "1", _digits(n), _probs(n), time.time())
+
+
+def test_the_recorder_writes_batches_and_counts_labels(database_url: str) -> None:
+    with _recorder(database_url) as (recorder, metrics):
+        for i in range(50):
+            recorder.add(_entry(f"a{i}"))
+        recorder.add(_entry("batch", 5))
+        _eventually(lambda: _samples(metrics, "mnist_captures_total").get("") == 55, "55 images written")
+        store = CaptureStore(database_url)
+        assert store.count() == 55 and len(store.find("batch")) == 5
+        store.label("a3", 0, 6)
+        import asyncio
+
+        asyncio.run(recorder.refresh_counts())
+        assert _samples(metrics, "mnist_labelled_captures")["label=6"] == 1
+        assert _samples(metrics, "mnist_labelled_captures")["label=0"] == 0
+        assert set(_samples(metrics, "mnist_capture_dropped_total").values()) == {0.0}
+
+
+def test_retention_runs_while_captures_keep_coming(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.sqlite3")
+    with _recorder(url, max_rows=100, retention_s=0.1) as (recorder, metrics):
+        for i in range(600):
+            recorder.add(_entry(f"r{i}"))
+            if i % 100 == 0:
+                time.sleep(0.1)
+        _eventually(lambda: _samples(metrics, "mnist_captures_total").get("") == 600, "every capture written")
+        _eventually(lambda: CaptureStore(url).count() <= 100, "retention down to 100 rows")
+        assert CaptureStore(url).find("r599"), "retention deleted the newest"
+
+
+def test_a_full_buffer_drops_and_counts_instead_of_waiting(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.sqlite3")
+    blocker = CaptureStore(url)
+    blocker.count()  # creates the file and table
+    # Another process holding SQLite's write lock is a database that is slower than the traffic.
+    with blocker.transaction():
+        with _recorder(url, capacity=10) as (recorder, metrics):
+            started = time.perf_counter()
+            for i in range(40):
+                recorder.add(_entry(f"x{i}"))
+            assert time.perf_counter() - started < 1.0  # never waited for the lock (BUSY_TIMEOUT_S is 5 s)
+            dropped = _samples(metrics, "mnist_capture_dropped_total")
+            assert dropped["reason=buffer_full"] + dropped["reason=database_error"] >= 20
+
+
+def test_postgres_stopped_mid_stream_drops_then_resumes(postgres: Postgres, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mnist_service.capture.recorder")
+    with _recorder(postgres.url, capacity=200) as (recorder, metrics):
+        recorder.add(_entry("before"))
+        _eventually(lambda: _samples(metrics, "mnist_captures_total").get("") == 1, "the first capture written")
+        postgres.stop()
+        try:
+            for i in range(300):
+                recorder.add(_entry(f"during{i}"))
+                time.sleep(0.002)
+            _eventually(lambda: recorder.failing is not None, "the failure noticed")
+            dropped = _samples(metrics, "mnist_capture_dropped_total")["reason=database_error"]
+            assert dropped >= 50  # 300 offered while it was down: 200 held, a batch taken, the rest dropped
+        finally:
+            postgres.start()
+        _eventually(lambda: recorder.failing is None, "writing again")
+        # What was held while it was down is written: nothing offered is lost without being counted.
+        _eventually(lambda: _samples(metrics, "mnist_captures_total")[""] + dropped == 301, "the buffer written")
+        recorder.add(_entry("after"))
+        _eventually(lambda: CaptureStore(postgres.url).find("after"), "a capture after the restart")
+        assert CaptureStore(postgres.url).count() == 302 - dropped
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("can't be written" in m and "mnist_capture_dropped_total" in m for m in messages), messages
+    assert any("writable again" in m for m in messages), messages
+    assert sum("can't be written" in m for m in messages) == 1  # said once, not per retry
+    with contextlib.suppress(CaptureUnavailable), CaptureStore(postgres.url).transaction() as cur:
+        cur.execute("DROP TABLE IF EXISTS captures")
+
+
+@contextlib.contextmanager
+def _mounted(folder: Path, options: str) -> Iterator[Path]:
+    """A small tmpfs at `folder` (root only): a filesystem that is full or read-only for real."""
+    folder.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"can't mount a tmpfs here ({result.stderr.strip()}): needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.parametrize("options", ["size=64k", "ro"], ids=["full", "read-only"])
+def test_sqlite_on_a_full_or_read_only_filesystem(
+    tmp_path: Path, options: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mnist_service.capture.recorder")
+    with _mounted(tmp_path / "mnt", options) as folder, _recorder(str(folder / "c.sqlite3"), capacity=100) as (
+        recorder, metrics,
+    ):
+        for i in range(400):
+            recorder.add(_entry(f"f{i}"))
+            if i % 50 == 0:
+                time.sleep(0.05)
+        _eventually(lambda: recorder.failing is not None, "the failure noticed")
+        dropped = _samples(metrics, "mnist_capture_dropped_total")
+        assert dropped["reason=database_error"] + dropped["reason=buffer_full"] > 0
+    (line,) = [r.getMessage() for r in caplog.records if "can't be written" in r.getMessage()]
+    assert str(folder / "c.sqlite3") in line
+    assert ("is full" in line) if options.startswith("size") else ("not writable" in line), line
