@@ -229,3 +229,13 @@ def test_connections_over_the_cap_are_answered_503_at_once(start_server) -> None
     # With the idle connections gone, clients are served again.
     assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
     assert _refused(server.url) > refused_before  # counted (retried splits above may add more)
+
+
+def test_the_supervisor_loads_no_torch(start_server) -> None:
+    """The supervisor only accepts and hands off connections: torch (and the serving layer that brings
+    it) stays in the workers, or the supervisor's RSS grows by ~200 MB and its metrics go astray."""
+    server = start_server()
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps, "the supervisor process has torch loaded"
+    workers = worker_pids(server.proc.pid)
+    assert workers and all("libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in workers)

@@ -226,25 +226,28 @@ def serve(settings: Settings) -> int:
 
 
 def _uvicorn_config(settings: Settings, app: Any = None) -> uvicorn.Config:
-    """uvicorn's configuration for `app` (built by create_app), or just for binding the socket without one."""
-    # Imported here: the serving layer brings torch and prometheus_client, which the supervisor must
-    # not import before it has set PROMETHEUS_MULTIPROC_DIR (its own counters would stay in its memory).
-    from mnist_service.serving.protocol import guarded_protocol
+    """uvicorn's configuration for `app` (built by create_app), or, in the supervisor, just for binding
+    the socket: there the protocol is never used, and its serving layer (torch, prometheus_client) is
+    not imported, which keeps the supervisor small and its metrics in the multiprocess folder."""
+    http: Any = "httptools"
+    if app is not None:
+        from mnist_service.serving.protocol import guarded_protocol
 
-    state = app.state if app is not None else None
+        metrics = app.state.metrics
+        http = guarded_protocol(
+            settings.header_timeout_s,
+            metrics.header_timeouts.inc,
+            app.state.in_flight,
+            hot_path=_hot_path(settings, app),
+            max_header_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+            on_head_refused=metrics.heads_refused.inc,
+        )
     return uvicorn.Config(
         app or "mnist_service.serving.api:create_app",
         host=settings.host,
         port=settings.port,
-        http=guarded_protocol(
-            settings.header_timeout_s,
-            state.metrics.header_timeouts.inc if state else lambda: None,
-            state.in_flight if state else None,
-            hot_path=_hot_path(settings, app),
-            max_header_bytes=settings.max_header_bytes,
-            max_headers=settings.max_headers,
-            on_head_refused=state.metrics.heads_refused.inc if state else lambda: None,
-        ),
+        http=http,
         timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]  # a float works
         # Alone, a worker bounds its own connections; behind the supervisor, the supervisor does.
         limit_concurrency=settings.max_connections if settings.workers <= 1 else None,
