@@ -38,8 +38,10 @@ class Settings(BaseSettings):
     admin_api_key: SecretStr | None = Field(
         None, description="When set, the v2 model repository API (index, load, unload) is on and needs this key."
     )
-    host: str = "0.0.0.0"  # noqa: S104  # nosec B104 - a container must listen on all interfaces
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field(  # nosec B104 - a container must listen on all interfaces
+        "0.0.0.0", description="The interface the HTTP server binds: every one by default, as a container needs."  # noqa: S104
+    )
+    port: int = Field(8000, ge=1, le=65535, description="The HTTP port.")
     grpc_port: int = Field(
         8001, ge=0, le=65535, description="The Open Inference Protocol over gRPC listens here (docs/grpc.md), in "
         "every worker (SO_REUSEPORT); 0 turns it off.",
@@ -56,7 +58,7 @@ class Settings(BaseSettings):
         600.0, gt=0, description="A gRPC connection is closed after this long, its calls given "
         "SHUTDOWN_TIMEOUT_SECONDS to finish; clients reconnect, so long-lived ones spread over workers and pods.",
     )
-    log_level: str = "info"
+    log_level: str = Field("info", description="debug, info, warning or error: the lowest level logged.")
     log_format: Literal["text", "json"] = Field(
         "text", description="text: a line for people; json: one JSON object per line, with the request id and "
         "the W3C trace context (trace_id, span_id from a traceparent header).",
@@ -78,7 +80,7 @@ class Settings(BaseSettings):
         ge=1,
         description="Intra-op threads per worker for inference; with one per worker the workers share the cores.",
     )
-    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_batch_size: int = Field(32, ge=1, le=1024, description="The most images one forward pass takes.")
     max_batch_delay_ms: float = Field(
         0.0,
         ge=0,
@@ -89,7 +91,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         5.0, gt=0, description="Per-request deadline from arrival to answer; 503 after it."
     )
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_upload_bytes: int = Field(
+        10 * 1024 * 1024, ge=1, description="The largest request body; over it, 413 before the body is read."
+    )
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Larger images are refused as decompression bombs."
     )

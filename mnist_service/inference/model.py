@@ -22,8 +22,8 @@ INPUT_SHAPE = [1, 1, 28, 28]
 class Net(nn.Module):
     """Two stride-2 convolutions and a small MLP head: about 1.26 M multiply-adds per image.
 
-    Found by measuring accuracy per FLOP (see README): on the CPU each conv costs a fixed
-    ~30 us per call at batch 1 whatever its size, so two wide-enough convs beat three narrow ones.
+    Found by measuring accuracy per FLOP (docs/training.md): on the CPU each conv costs a fixed
+    overhead per call at batch 1 whatever its size, so two wide-enough convs beat three narrow ones.
     """
 
     def __init__(self) -> None:

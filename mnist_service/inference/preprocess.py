@@ -109,8 +109,8 @@ def _corrupt(exc: Exception) -> InvalidInput:
 def _plain_png(data: bytes, max_pixels: int) -> np.ndarray | None:
     """The samples of an 8-bit grey, RGB or RGBA PNG decoded by libspng, or None for anything else (left to PIL).
 
-    PNG decoding was 30% of the server's CPU, and libspng takes about a fifth less time than PIL
-    for it. The PNGs it takes here decode to the same pixels either way (a test checks that);
+    PNG decoding was a large share of the server's CPU, and libspng takes less time than PIL for it
+    (docs/performance.md). The PNGs it takes here decode to the same pixels either way (a test checks that);
     palettes, grey+alpha, 16-bit samples, transparency keys and EXIF go to PIL.
     """
     if len(data) < 33 or not data.startswith(_PNG_SIGNATURE):
@@ -225,7 +225,7 @@ def _normalize_levels(levels: np.ndarray, mid: int) -> np.ndarray:
 
     Every step up to the resize maps each grey level on its own, so it is done once per level in a
     256-entry table and applied to the crop by one lookup: the same float32 arithmetic on fewer
-    pixels, in a few numpy calls instead of ~30 (a 28x28 digit took ~50 us, mostly call overhead).
+    pixels, in a few numpy calls instead of ~30 (per-call overhead dominated a 28x28 digit's time).
     """
     if mid < 128:
         peak = int(np.maximum.reduce(levels, axis=None)) - mid

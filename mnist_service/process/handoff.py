@@ -2,8 +2,9 @@
 
 Why not let every worker accept on the shared socket, as uvicorn and gunicorn do? Whichever
 worker wakes first accepts a whole burst: hey opening 32 keep-alive connections at once put all
-32 on one worker in one of our runs (766 req/s instead of about 1,350 when they split), and
-other runs had bimodal latencies, the mark of an uneven split; it lasts as long as the connections. Here the supervisor
+32 on one worker in one of our runs (about half the req/s of an even split: docs/performance.md),
+and other runs had bimodal latencies, the mark of an uneven split; it lasts as long as the
+connections. Here the supervisor
 accepts every connection and passes its file descriptor (SCM_RIGHTS over a Unix socket pair) to
 the ready worker with the fewest open connections, so keep-alive load splits evenly.
 

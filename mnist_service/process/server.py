@@ -257,7 +257,7 @@ def _uvicorn_config(settings: Settings, app: Any = None) -> uvicorn.Config:
         log_config=None,  # keep the logging configured by the entry point
         server_header=False,
         # uvicorn trusts X-Forwarded-* only from 127.0.0.1 by default, and nothing here reads the
-        # client's address or scheme: its middleware was 2% of a worker's profile under load.
+        # client's address or scheme: its middleware showed in a worker's profile under load.
         proxy_headers=False,
     )
 

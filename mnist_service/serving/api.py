@@ -73,7 +73,8 @@ async def lifespan(app: ServiceApp) -> AsyncIterator[None]:
     app.state.dataplane = DataPlane(registry, app.state.in_flight, capture)
     # Everything loaded so far (torch, the model, FastAPI's routes) lives as long as the process.
     # Freezing it keeps the garbage collector's full passes from walking ~200,000 objects: those
-    # passes stalled a worker for 80 ms every few seconds under load, which was the p99.
+    # passes stalled a worker for tens of ms every few seconds under load, which was the p99
+    # (docs/performance.md).
     gc.collect()
     gc.freeze()
     logger.info(

@@ -2,7 +2,7 @@
 
 All are `async def` although none awaits: FastAPI runs a plain `def` dependency in a worker
 thread, and four thread hops per request were a measurable share of the server's CPU.
-The upload routes, the hot path, skip dependency injection (it cost them ~80 us a request)
+The upload routes skip dependency injection (a measurable share of their CPU: docs/performance.md)
 and call the plain functions here directly: `resolve_target` and `check_api_key`.
 """
 

@@ -6,7 +6,7 @@ the route's request handler (dependency solving, an AsyncExitStack) and then the
 upload endpoints take only the Request and do by hand what dependency injection would, so all
 they need of that is our middleware and the mapping of their errors to answers. A py-spy profile
 of a worker at 128 concurrent uploads put the layers in between at about a third of its samples;
-skipping them cut the server's CPU per 28x28 upload from 0.58 to 0.45 ms (benchmarks/profile.md).
+skipping them cut the server's CPU per upload by about a fifth (benchmarks/profile.md).
 
 `ServiceApp.serve_directly(router, path, ...)` sends POSTs to those routes through the app's own
 user middleware (the same classes, options and order as every other request) and Starlette's
