@@ -493,8 +493,11 @@ def test_the_repository_extension_needs_the_admin_key_and_unloads_and_loads(serv
             client.load_model("mnist", config='{"backend": "python"}', headers=dict(ADMIN))
         assert caught.value.status() == "StatusCode.INVALID_ARGUMENT" and "own repository" in caught.value.message()
 
+        unloaded = server.process.stderr().count("model version 1 unloaded")
         client.unload_model("mnist", headers=dict(ADMIN))
         # Every worker unloads within a poll: not ready, health NOT_SERVING, inference UNAVAILABLE.
+        log = server.process.stderr
+        _until(lambda: log().count("model version 1 unloaded") == unloaded + 2, "a worker did not unload")
         _until(lambda: not client.is_server_ready(), "ServerReady stayed true after the unload")
         _until(lambda: _health(server.target) == health_pb2.HealthCheckResponse.NOT_SERVING, "health kept SERVING")
         assert not client.is_model_ready("mnist", headers=dict(KEYED))
@@ -504,11 +507,14 @@ def test_the_repository_extension_needs_the_admin_key_and_unloads_and_loads(serv
         unready = [m.state for m in client.get_model_repository_index(headers=dict(ADMIN)).models]
         assert "READY" not in unready
     finally:
+        reloaded = server.process.stderr().count("(was None)")
         client.load_model("mnist", headers=dict(ADMIN))
-        serving = health_pb2.HealthCheckResponse.SERVING
-        _until(lambda: all(_health(server.target) == serving for _ in range(6)), "not SERVING after the load", 30)
+        # This worker answers once it has loaded; the other follows within REPOSITORY_POLL_S.
+        _until(lambda: server.process.stderr().count("(was None)") == reloaded + 2, "a worker did not reload", 30)
+        time.sleep(0.5)  # two of health's polls
         client.close()
-    assert _health(server.target, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert all(_health(server.target) == _health(server.target, SERVICE) == serving for _ in range(6))
 
 
 def test_health_names_the_server_and_the_service(server: GrpcServer) -> None:
@@ -525,6 +531,7 @@ def test_calls_are_counted_logged_and_carry_their_request_id(server: GrpcServer)
     request = _raw_request(np.zeros((1, 28, 28), np.uint8), "UINT8")
     request.model_name = "elsewhere"
     with channel, pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(_raw_request(np.zeros((1, 28, 28), np.uint8), "UINT8"), metadata=KEYED, timeout=30)
         stub.ModelInfer(request, metadata=[*KEYED, ("x-request-id", "grpc-req-42")], timeout=30)
     assert dict(caught.value.trailing_metadata())["x-request-id"] == "grpc-req-42"
     assert server.metric("mnist_grpc_requests_total", method="ModelInfer", code="NOT_FOUND") == before + 1
@@ -688,6 +695,18 @@ def test_json_logs_carry_the_trace_context_of_the_call(slow: GrpcServer) -> None
     assert entries[0]["protocol"] == "grpc" and entries[0]["method"] == "ServerReady" and entries[0]["code"] == "OK"
     assert entries[0]["span_id"] == "b7ad6b7169203331"
 
+
+
+def test_the_docs_example_works_as_written(slow: GrpcServer) -> None:
+    """docs/grpc.md's tritonclient example, run as a user would, only the address changed."""
+    text = (ROOT / "docs" / "grpc.md").read_text()
+    example = re.search(r"```python\n(.*?)```", text, re.DOTALL)[1]  # type: ignore[index]
+    assert '"localhost:8001"' in example
+    result = subprocess.run([sys.executable, "-c", example.replace("localhost:8001", slow.target)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted, labels = re.search(r"predicted (\[.*?\]) labels (\[.*?\])", result.stdout).groups()  # type: ignore[union-attr]
+    assert json.loads(predicted) == json.loads(labels) and "version 1" in result.stdout
 
 # --- SIGTERM ------------------------------------------------------------------------------------------------
 
