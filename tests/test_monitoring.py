@@ -57,7 +57,8 @@ FAMILIES = {
     "mnist_predictions_total", "mnist_prediction_confidence_bucket", "mnist_input_ink_fraction_bucket",
     "mnist_input_mean_intensity_bucket", "mnist_input_bbox_aspect_bucket", "mnist_model_info",
     "mnist_shadow_comparisons_total", "mnist_shadow_confidence_bucket", "mnist_drift_reference_share",
-    "mnist_drift_reference_cdf", "mnist_drift_threshold",
+    "mnist_drift_reference_cdf", "mnist_drift_threshold", "mnist_captures_total", "mnist_capture_dropped_total",
+    "mnist_feedback_total", "mnist_feedback_wrong_total", "mnist_labelled_captures", "mnist_model_test_accuracy",
 }
 # What the dashboard must show: one query at least reads each.
 DASHBOARD_MUST_READ = {
@@ -66,7 +67,8 @@ DASHBOARD_MUST_READ = {
     "kube_horizontalpodautoscaler_status_current_replicas", "kube_horizontalpodautoscaler_spec_min_replicas",
     "kube_horizontalpodautoscaler_spec_max_replicas", "mnist_predictions_total", "mnist_prediction_confidence_bucket",
     "version_score:mnist_drift_score:1h", "mnist_drift_threshold", "mnist_model_info",
-    "mnist_shadow_comparisons_total", "mnist_worker_deaths_total",
+    "mnist_shadow_comparisons_total", "mnist_worker_deaths_total", "mnist_captures_total",
+    "mnist_capture_dropped_total", "mnist_feedback_total", "mnist_feedback_wrong_total", "mnist_labelled_captures",
 }
 # Quoted in the alerts' descriptions besides the dashboard's panels: what the service logs.
 LOG_MESSAGES = {"unhandled error", "inference failed"}
@@ -448,7 +450,7 @@ def stack(
     repo.write_config(ModelConfig(labels={"stable": 1, "canary": 2}))
     server = start_process(
         model_dir / "mnist_cnn.pt", folder, MODEL_REPOSITORY=str(repo.root), WORKERS="2", SHADOW_SAMPLE="1",
-        MAX_QUEUE="1", ACCESS_LOG="errors",
+        MAX_QUEUE="1", ACCESS_LOG="errors", CAPTURE_SAMPLE="1", CAPTURE_DATABASE=str(folder / "captures.sqlite3"),
     )
     prometheus = None
     try:
@@ -474,10 +476,13 @@ def stack(
         )
         # Bursts into a queue of one: some are shed (mnist_rejected_total).
         _eventually(lambda: built.classify(images[3220:3284], concurrency=64, retry=False), "a burst shed")
+        # Feedback on a few answers, one of them labelled wrong on purpose: live accuracy and its panels.
+        _send_feedback(built, test_digits[0][3300:3306], [*test_digits[1][3300:3305].tolist(), -1])
         # A worker killed: counted in mnist_worker_deaths_total, and replaced.
         os.kill(worker_pids(server.proc.pid)[0], signal.SIGKILL)
         _eventually(lambda: server.stderr().count("Application startup complete.") >= 3, "the worker replaced")
-        for family in ("mnist_worker_deaths_total", "mnist_rejected_total", "mnist_shadow_confidence_bucket"):
+        for family in ("mnist_worker_deaths_total", "mnist_rejected_total", "mnist_shadow_confidence_bucket",
+                       "mnist_feedback_wrong_total"):
             _eventually(lambda family=family: built.query(family), f"{family} in Prometheus")
         yield built
     finally:
@@ -486,6 +491,21 @@ def stack(
             prometheus.wait(timeout=30)
         server.proc.kill()
         server.proc.wait()
+
+
+def _send_feedback(stack: Stack, images: np.ndarray, labels: list[int]) -> None:
+    """Predict each image (recorded like Stack.classify's), then label its answer (-1: a label the answer
+    did not give, so it counts wrong)."""
+    with httpx.Client(base_url=stack.server.url, timeout=60) as client:
+        for image, label in zip(images, labels, strict=True):
+            answer = client.post("/predict", files={"file": ("d.png", png_bytes(Image.fromarray(image)), "image/png")})
+            assert answer.status_code == 200, answer.text
+            if answer.json()["model_version"] == "1":
+                stack.digits.append(image_to_digit(png_bytes(Image.fromarray(image))))
+                stack.probs.append(answer.json()["probabilities"])
+            given = (answer.json()["prediction"] + 1) % 10 if label < 0 else label
+            response = client.post("/feedback", json={"request_id": answer.headers["x-request-id"], "label": given})
+            assert response.status_code == 200, response.text
 
 
 def _scrape(stack: Stack) -> str:

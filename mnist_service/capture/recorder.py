@@ -72,6 +72,7 @@ class Recorder:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._dropped_while_failing = 0
+        self._versions: set[str] = set()  # versions whose feedback series exist
         for reason in DROP_REASONS:  # at 0 from the start, so the first drop counts in rate()
             metrics.capture_dropped.labels(reason)
 
@@ -82,6 +83,8 @@ class Recorder:
         """Capture a request's digits and answer once its future has them, if the request is sampled."""
         if self.sample < 1 and random.random() >= self.sample:  # noqa: S311  # nosec B311  # sampling, not security
             return
+        if version not in self._versions:
+            self.expect_feedback(version)
         at = time.time()
 
         def keep(done: asyncio.Future[np.ndarray]) -> None:
@@ -92,6 +95,12 @@ class Recorder:
             keep(future)
         else:
             future.add_done_callback(keep)
+
+    def expect_feedback(self, version: str) -> None:
+        """Create a version's feedback series at 0, before its first label: increase() then counts that label."""
+        self._versions.add(version)
+        for outcome in ("correct", "wrong"):
+            self.metrics.feedback.labels(version, outcome)
 
     def add(self, entry: _Entry) -> None:
         """Queue one request's capture for the writer; dropped and counted when the buffer is full."""

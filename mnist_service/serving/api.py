@@ -70,6 +70,8 @@ async def lifespan(app: ServiceApp) -> AsyncIterator[None]:
     app.state.capture = capture = capture_from_settings(settings, app.state.metrics)
     if capture is not None:
         capture.start()
+        for version in registry.ready():
+            capture.expect_feedback(version.name)
     app.state.dataplane = DataPlane(registry, app.state.in_flight, capture)
     # Everything loaded so far (torch, the model, FastAPI's routes) lives as long as the process.
     # Freezing it keeps the garbage collector's full passes from walking ~200,000 objects: those
