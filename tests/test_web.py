@@ -547,3 +547,90 @@ def test_a_version_unloaded_meanwhile_is_an_error_and_the_picker_refreshes(
         assert _result(page).startswith("1")
         expect(error).to_be_hidden()
         expect(page.locator("#answered-by")).to_have_text("Answered by model version 1 (stable)")
+
+
+# --- feedback: "was it right?" ---------------------------------------------------------------------
+
+
+def test_page_has_the_feedback_buttons(client: TestClient) -> None:
+    text = client.get("/").text
+    assert 'id="feedback-right"' in text and 'id="feedback-status"' in text
+    assert [int(d) for d in re.findall(r'class="feedback-digit" data-label="(\d)"', text)] == list(range(10))
+
+
+def _labels(database: Path) -> dict[str, list[tuple[str, int | None]]]:
+    """request id -> [(route, label)] of every capture in the database."""
+    from mnist_service.capture.store import CaptureStore
+
+    store = CaptureStore(str(database))
+    with store.transaction() as cur:
+        rows = cur.fetchall("SELECT request_id, route, label FROM captures ORDER BY request_id, item", ())
+    out: dict[str, list[tuple[str, int | None]]] = {}
+    for request_id, route, label in rows:
+        out.setdefault(request_id, []).append((route, label))
+    return out
+
+
+@needs_chromium
+def test_feedback_buttons_label_the_answer_and_change_it(
+    model_path: Path, open_page: Callable[..., Page], tmp_path: Path
+) -> None:
+    database = tmp_path / "captures.sqlite3"
+    with _serving(Settings(model_path=model_path, capture_sample=1.0, capture_database=str(database))) as url:
+        page = open_page(url, viewport={"width": 1000, "height": 760})
+        feedback, status = page.locator("#feedback"), page.locator("#feedback-status")
+        expect(feedback).to_be_hidden()  # nothing to judge yet
+        with page.expect_response(_is_prediction) as predicted:
+            _draw(page, ONE)
+        assert _result(page).startswith("1")
+        request_id = predicted.value.headers["x-request-id"]
+        expect(feedback).to_be_visible()
+
+        page.get_by_role("button", name="Right").click()
+        expect(status).to_have_text("Thank you: 1 was right.")
+        expect(page.locator("#feedback-right")).to_have_attribute("aria-pressed", "true")
+        assert _labels(database)[request_id] == [("/predict", 1)]
+
+        page.locator('.feedback-digit[data-label="7"]').click()
+        expect(status).to_have_text("Changed to 7 (it was 1). Thank you!")
+        expect(page.locator('.feedback-digit[data-label="7"]')).to_have_attribute("aria-pressed", "true")
+        expect(page.locator("#feedback-right")).to_have_attribute("aria-pressed", "false")
+        assert _labels(database)[request_id] == [("/predict", 7)]
+        _screenshot(page, tmp_path / "feedback.png")
+
+        page.locator("#clear").click()  # the buttons were about that answer
+        expect(feedback).to_be_hidden()
+
+
+@needs_chromium
+def test_feedback_on_an_uncaptured_answer_sends_the_picture(
+    model_path: Path, open_page: Callable[..., Page], tmp_path: Path
+) -> None:
+    database = tmp_path / "captures.sqlite3"
+    # Capture on but sampling (almost) nothing: the answer's id is unknown to the server.
+    with _serving(Settings(model_path=model_path, capture_sample=1e-12, capture_database=str(database))) as url:
+        page = open_page(url, viewport={"width": 1000, "height": 760})
+        page.locator("#live").uncheck()
+        _draw(page, SEVEN)
+        page.locator("#predict").click()
+        said = _result(page)[0]
+        page.locator('.feedback-digit[data-label="4"]').click()
+        expect(page.locator("#feedback-status")).to_have_text(
+            f"Thank you: it was 4, not {said}. It is kept for the next training."
+        )
+        (request_id,) = _labels(database)
+        assert _labels(database)[request_id] == [("/feedback/examples", 4)]
+        page.locator('.feedback-digit[data-label="5"]').click()  # changes that example, sends nothing twice
+        expect(page.locator("#feedback-status")).to_have_text("Changed to 5 (it was 4). Thank you!")
+        assert _labels(database) == {request_id: [("/feedback/examples", 5)]}
+
+
+@needs_chromium
+def test_feedback_on_a_server_without_capture_says_so(page: Page) -> None:
+    _draw(page, ONE)
+    _result(page)
+    page.get_by_role("button", name="Right").click()
+    status = page.locator("#feedback-status")
+    expect(status).to_contain_text("404")
+    expect(status).to_contain_text("feedback is off")
+    expect(status).to_have_class(re.compile(r"\bfailed\b"))

@@ -1,5 +1,7 @@
 // The drawing page: draw or drop a digit, POST it to /predict?debug=1 (pinned to the model version
 // picked, if any), show what the model thinks; or ask every loaded version at once (/predict/compare).
+// After an answer, "Right" / "it was: 0-9" send the truth back (POST /feedback, by the answer's
+// X-Request-ID; a request the server did not capture is sent as a labelled example with its picture).
 // Plain JS with no build step and no third-party code, so the page works offline and under a
 // CSP that allows only 'self'.
 "use strict";
@@ -28,6 +30,9 @@
   const comparisonBox = $("comparison");
   const verdictEl = $("verdict");
   const comparisonRows = $("comparison-table").tBodies[0];
+  const feedbackBox = $("feedback");
+  const feedbackStatus = $("feedback-status");
+  const feedbackButtons = [$("feedback-right"), ...document.querySelectorAll(".feedback-digit")];
 
   let hasInk = false;
   let uploaded = null; // the file last uploaded, sent as it is until the user draws over it or clears
@@ -37,6 +42,7 @@
   let compareInFlight = null; // the same for the comparison, which runs beside a prediction
   let knownVersions = new Map(); // version name -> its /model entry (labels, accuracy), as last read
   let versionsShown = ""; // what the picker lists now: rebuilt only when that changes
+  let shown = null; // the answer on screen, for feedback: {requestId, prediction, blob, name}
 
   // --- canvas -------------------------------------------------------------------------------
 
@@ -178,7 +184,9 @@
         if (response.status === 404 || response.status === 503) refreshVersions();
         return;
       }
-      showPrediction(await response.json());
+      const answer = await response.json();
+      showPrediction(answer);
+      shown = { requestId: response.headers.get("X-Request-ID"), prediction: answer.prediction, blob, name: filename };
     } catch (err) {
       if (err.name === "AbortError") return;
       showError(`Could not reach the server: ${err.message}. Is it running?`);
@@ -281,6 +289,8 @@
       seenImg.src = `data:image/png;base64,${answer.image_png_base64}`;
       seenBox.hidden = false;
     }
+    resetFeedback();
+    feedbackBox.hidden = false;
   }
 
   function showComparison(answer) {
@@ -330,6 +340,75 @@
     }
     seenBox.hidden = true;
     seenImg.removeAttribute("src");
+    shown = null;
+    resetFeedback();
+    feedbackBox.hidden = true;
+  }
+
+  // --- feedback: what the digit really was ---------------------------------------------------
+
+  function resetFeedback() {
+    for (const button of feedbackButtons) button.setAttribute("aria-pressed", "false");
+    feedbackStatus.textContent = "";
+    feedbackStatus.classList.remove("failed");
+  }
+
+  function postJson(url, body) {
+    return fetch(url, {
+      method: "POST",
+      headers: { ...authHeaders(), "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+  }
+
+  async function sendFeedback(label, button) {
+    const answer = shown;
+    if (!answer) return;
+    for (const b of feedbackButtons) b.disabled = true;
+    feedbackStatus.classList.remove("failed");
+    feedbackStatus.textContent = "Sending…";
+    try {
+      let response = await postJson("/feedback", { request_id: answer.requestId, label });
+      if (response.status === 404 && answer.blob) {
+        // Not captured (the server samples, or keeps nothing): send the picture itself, labelled.
+        response = await fetch(`/feedback/examples?label=${label}`, {
+          method: "POST",
+          body: formWith(answer.blob, answer.name),
+          headers: authHeaders(),
+        });
+      }
+      if (answer !== shown) return; // a newer answer is on screen now
+      if (!response.ok) {
+        feedbackStatus.textContent = await describeFailure(response);
+        feedbackStatus.classList.add("failed");
+        return;
+      }
+      const receipt = await response.json();
+      // Stored now under this id: a second click changes this label instead of sending the picture again.
+      answer.requestId = receipt.request_id;
+      answer.blob = null;
+      for (const b of feedbackButtons) b.setAttribute("aria-pressed", String(b === button));
+      if (receipt.replaced) {
+        feedbackStatus.textContent = `Changed to ${label} (it was ${receipt.previous_label}). Thank you!`;
+      } else if (receipt.correct) {
+        feedbackStatus.textContent = `Thank you: ${label} was right.`;
+      } else {
+        feedbackStatus.textContent = `Thank you: it was ${label}, not ${receipt.prediction}. It is kept for the next training.`;
+      }
+    } catch (err) {
+      if (answer !== shown) return;
+      feedbackStatus.textContent = `Could not reach the server: ${err.message}. Is it running?`;
+      feedbackStatus.classList.add("failed");
+    } finally {
+      for (const b of feedbackButtons) b.disabled = false;
+    }
+  }
+
+  $("feedback-right").addEventListener("click", (event) => {
+    if (shown) sendFeedback(shown.prediction, event.currentTarget);
+  });
+  for (const button of document.querySelectorAll(".feedback-digit")) {
+    button.addEventListener("click", () => sendFeedback(Number(button.dataset.label), button));
   }
 
   // --- uploads: file input and drag and drop ------------------------------------------------
