@@ -5,6 +5,10 @@ version policy says, but requests that name no version stay with stable, which m
 --promote, except that the first version of a model with no stable version becomes stable (so a
 fresh `make run` has something to serve). Promote, canary and roll back later with
 `python model_repository.py`. --output instead writes one flat file, OUTPUT/mnist_cnn.pt + .json.
+
+--feedback CAPTURE_DATABASE adds the labelled captures of a capture database (docs/ground-truth.md)
+to the training set, except a held-out share that measures feedback_accuracy; the metadata records
+which rows. With --export DIR it writes them as MNIST IDX files instead of training.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mnist_service.capture.dataset import export_idx
+from mnist_service.capture.store import CaptureUnavailable, redacted
 from mnist_service.logconfig import configure_logging
 from mnist_service.registry.repository import RepositoryError
 from mnist_service.settings import Settings
@@ -46,7 +52,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--drift-images", type=int, default=None, help="drift reference from N random test images (default all)"
     )
+    parser.add_argument(
+        "--feedback", metavar="CAPTURE_DATABASE",
+        help="add the labelled captures of this capture database (a SQLite path or postgresql://...) to training",
+    )
+    parser.add_argument(
+        "--feedback-repeat", type=int, default=defaults.feedback_repeat,
+        help="show each labelled capture this many times per epoch (default 1)",
+    )
+    parser.add_argument(
+        "--export", type=Path, metavar="DIR",
+        help="with --feedback: write the labelled captures as MNIST IDX files into DIR and exit (no training)",
+    )
     args = parser.parse_args(argv)
+    if args.export:
+        if not args.feedback:
+            parser.error("--export needs --feedback CAPTURE_DATABASE")
+        try:
+            lineage = export_idx(args.feedback, args.export)
+        except CaptureUnavailable as exc:
+            sys.exit(f"error: the capture database {redacted(args.feedback)} can't be read: {exc}")
+        print(f"train={lineage['train']['rows']} held_out={lineage['held_out']['rows']} -> {args.export}")
+        return
     if args.output and args.promote:
         parser.error("--promote moves a repository's stable label: it has no meaning with --output")
     configure_logging()
@@ -60,7 +87,22 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         max_train=args.max_train,
         drift_images=args.drift_images,
+        feedback=args.feedback,
+        feedback_repeat=args.feedback_repeat,
     )
+    try:
+        metadata, destination = _train(params, args)
+    except CaptureUnavailable as exc:
+        sys.exit(f"error: the capture database {redacted(args.feedback)} can't be read: {exc}")
+    feedback = f" feedback_accuracy={metadata['feedback_accuracy']}" if "feedback_accuracy" in metadata else ""
+    print(
+        f"test_accuracy={metadata['test_accuracy']:.4f}{feedback} "
+        f"train_seconds={metadata['training']['train_seconds']} macs={metadata['macs']} "
+        f"version={metadata['version'][:12]} -> {destination}"
+    )
+
+
+def _train(params: TrainParams, args: argparse.Namespace) -> tuple[dict, str]:
     if args.output:
         metadata, destination = run(params), str(args.output)
     else:
@@ -69,10 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         except RepositoryError as exc:
             sys.exit(f"error: {exc}")
         metadata, destination = published.metadata, published.summary()
-    print(
-        f"test_accuracy={metadata['test_accuracy']:.4f} train_seconds={metadata['training']['train_seconds']} "
-        f"macs={metadata['macs']} version={metadata['version'][:12]} -> {destination}"
-    )
+    return metadata, destination
 
 
 if __name__ == "__main__":

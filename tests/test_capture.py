@@ -344,3 +344,43 @@ def test_sqlite_on_a_full_or_read_only_filesystem(
     (line,) = [r.getMessage() for r in caplog.records if "can't be written" in r.getMessage()]
     assert str(folder / "c.sqlite3") in line
     assert ("is full" in line) if options.startswith("size") else ("not writable" in line), line
+
+
+# --- back into training ------------------------------------------------------------------------------
+
+
+def test_labelled_captures_export_as_mnist_idx_with_their_lineage(tmp_path: Path) -> None:
+    from mnist_service.capture.dataset import HOLDOUT_FRACTION, export_idx, held_out, read_labelled
+    from mnist_service.data import load_split
+
+    url = str(tmp_path / "c.sqlite3")
+    store = CaptureStore(url)
+    digits, probs = _digits(300), _probs(300)
+    store.insert([as_row(f"id{i}", 0, 1000.0 + i, "/predict", "1", digits[i], probs[i], i % 10) for i in range(300)])
+    store.insert(_rows(5, prefix="unlabelled"))
+    lineage = export_idx(url, tmp_path / "idx")
+    train, test = load_split(tmp_path / "idx", "train"), load_split(tmp_path / "idx", "test")
+    assert len(train.images) + len(test.images) == 300  # the unlabelled are not exported
+    assert abs(len(test.images) / 300 - HOLDOUT_FRACTION) < 0.08
+    assert lineage["held_out"]["rows"] == len(test.images) and lineage["train"]["first_captured_at"]
+    # The held-out share is decided by the request id alone: the same in every run and every database.
+    by_id = {f"id{i}": (digits[i], i % 10) for i in range(300)}
+    held = [request_id for request_id in by_id if held_out(request_id)]
+    assert len(held) == len(test.images)
+    np.testing.assert_array_equal(test.images, np.stack([by_id[r][0] for r in sorted(held)]))
+    assert test.labels.tolist() == [by_id[r][1] for r in sorted(held)]
+    # The same rows give the same hash; one label changed gives another.
+    assert export_idx(url, tmp_path / "again")["train"]["sha256"] == lineage["train"]["sha256"]
+    first_trained = read_labelled(url).split()[0].request_ids[0]
+    store.label(first_trained, 0, 9 if by_id[first_trained][1] != 9 else 8)
+    assert read_labelled(url).split()[0].sha256() != lineage["train"]["sha256"]
+
+
+def test_training_refuses_a_missing_or_unlabelled_database(tmp_path: Path) -> None:
+    from mnist_service.capture.dataset import read_labelled
+
+    with pytest.raises(CaptureUnavailable, match="does not exist"):
+        read_labelled(str(tmp_path / "typo.sqlite3"))
+    CaptureStore(str(tmp_path / "empty.sqlite3")).insert(_rows(3))
+    with pytest.raises(CaptureUnavailable, match="no labelled capture"):
+        read_labelled(str(tmp_path / "empty.sqlite3"))

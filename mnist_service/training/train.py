@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from mnist_service.capture.dataset import Labelled, describe, read_labelled
+from mnist_service.capture.store import redacted
 from mnist_service.data import load_split
 from mnist_service.inference import model as model_lib
 from mnist_service.inference.images import png_bytes
@@ -51,6 +53,8 @@ class TrainParams:
     scale_range: tuple[float, float] = (0.9, 1.1)
     max_shear: float = 0.1
     max_translate_px: float = 2.0
+    feedback: str | None = None  # a capture database: its labelled captures join the training set
+    feedback_repeat: int = 1  # each labelled capture (training share) is seen this many times per epoch
 
 
 def augment(x: torch.Tensor, params: TrainParams, gen: torch.Generator) -> torch.Tensor:
@@ -152,6 +156,17 @@ def train_model(params: TrainParams) -> tuple[nn.Module, dict[str, Any]]:
     train_images, train_labels = train.images, train.labels
     if params.max_train:
         train_images, train_labels = train_images[: params.max_train], train_labels[: params.max_train]
+    feedback: tuple[Labelled, Labelled] | None = None
+    if params.feedback:  # the held-out share never trains: it measures feedback_accuracy
+        feedback = read_labelled(params.feedback).split()
+        extra = feedback[0]
+        train_images = np.concatenate([train_images, np.repeat(extra.images, params.feedback_repeat, axis=0)])
+        extra_labels = np.repeat(extra.labels, params.feedback_repeat, axis=0).astype(train_labels.dtype)
+        train_labels = np.concatenate([train_labels, extra_labels])
+        logger.info(
+            "adding %d labelled captures (x%d) from %s; %d held out",
+            len(extra), params.feedback_repeat, redacted(params.feedback), len(feedback[1]),
+        )
     x_train, y_train = to_unit(train_images), torch.from_numpy(train_labels)
     x_test, y_test = to_unit(test.images), test.labels
     logger.info("training on %d images, testing on %d", len(x_train), len(x_test))
@@ -210,6 +225,7 @@ def train_model(params: TrainParams) -> tuple[nn.Module, dict[str, Any]]:
                 for k, v in dataclasses.asdict(params).items()
                 if k != "output"  # where the file goes says nothing about the model
             },
+            "feedback": redacted(params.feedback) if params.feedback else None,  # never a password
             "train_images": len(x_train),
             "optimizer": "AdamW",
             "schedule": "OneCycleLR",
@@ -219,10 +235,19 @@ def train_model(params: TrainParams) -> tuple[nn.Module, dict[str, Any]]:
             served, test.images[reference_sample(len(test.images), params.drift_images)]
         ),
         "data_sha256": {**train.sha256, **test.sha256},
+        **(_feedback_metadata(net, params.feedback, *feedback) if params.feedback and feedback else {}),
         "torch_version": torch.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return net, metadata
+
+
+def _feedback_metadata(net: nn.Module, url: str, train: Labelled, held: Labelled) -> dict[str, Any]:
+    """The lineage of the labelled captures trained on, and the accuracy on the held-out ones."""
+    accuracy = None
+    if len(held):
+        accuracy = round(float((predict_all(net, to_unit(held.images)).numpy() == held.labels).mean()), 4)
+    return {"feedback": describe(url, train, held), "feedback_accuracy": accuracy}
 
 
 def as_uploaded(model: torch.jit.ScriptModule, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
