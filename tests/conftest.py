@@ -203,7 +203,8 @@ def start_process(model_path: Path, tmp_path: Path, **env: str) -> Server:
     proc = subprocess.Popen(
         [sys.executable, "model_inference.py", *model, "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
-        env={**os.environ, **env},
+        # No gRPC port unless the test asks for one: servers of parallel tests would share 8001 (SO_REUSEPORT).
+        env={**os.environ, "GRPC_PORT": "0", **env},
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
     )
