@@ -299,6 +299,8 @@ def _mounts(service: dict[str, Any]) -> dict[str, Path]:
     out = {}
     for volume in service.get("volumes", []):
         source, target, *_ = volume.split(":")
+        if not source.startswith((".", "/")):  # a named volume (the capture database's data)
+            continue
         assert source.startswith("./"), f"{volume}: not a file of the repository"
         out[target] = ROOT / source
     return out
@@ -315,7 +317,11 @@ def test_compose_file_follows_the_compose_schema() -> None:
 
 def test_compose_mounts_exist_and_agree() -> None:
     services = _compose()["services"]
-    assert set(services) == {"mnist-service", "prometheus", "grafana"}
+    assert set(services) == {"mnist-service", "prometheus", "grafana", "postgres"}
+    # The capture database the service is pointed at is the compose stack's own.
+    database = services["mnist-service"]["environment"]["CAPTURE_DATABASE"]
+    assert database.startswith("postgresql://") and "@postgres:5432/" in database
+    assert "postgres" in services["mnist-service"]["depends_on"]
     for name, service in services.items():
         for source in _mounts(service).values():
             assert source.exists(), f"{name} mounts {source}, which does not exist"
@@ -325,7 +331,7 @@ def test_compose_mounts_exist_and_agree() -> None:
     assert app["build"]["context"] == "." and f"AS {app['build']['target']}" in (ROOT / "Dockerfile").read_text()
     assert app["image"] == re.search(r"^IMAGE \?= (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1)
     port = int(app["environment"]["PORT"])
-    assert [p.split(":")[-1] for p in app["ports"]] == [str(port)]
+    assert [p.split(":")[-1] for p in app["ports"]] == [str(port), app["environment"]["GRPC_PORT"]]
     (job,) = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
     assert job["job_name"] == JOB and job["static_configs"] == [{"targets": [f"mnist-service:{port}"]}]
 
