@@ -288,6 +288,8 @@ def test_postgres_killed_under_load_fails_no_prediction(
         failed = [r.status_code for r in answers if r.status_code != 200]
         assert not failed, f"{len(failed)} predictions failed while the database was down: {set(failed)}"
         dropped = _scrape(url, "mnist_capture_dropped_total")
+        print(f"PostgreSQL stopped under load: {len(answers)} predictions, {len(failed)} failed; captures dropped "
+              f"{dropped}, written {_scrape(url, 'mnist_captures_total')}")
         assert dropped["reason=database_error"] + dropped["reason=buffer_full"] > 0
         assert "can't be written" in server.stderr()  # type: ignore[attr-defined]
     finally:

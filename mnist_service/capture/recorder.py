@@ -63,6 +63,8 @@ class Recorder:
         self.capacity = capacity  # images held in memory, besides the batch being written
         self.max_rows, self.max_age_s = max_rows, max_age_s
         self.flush_s, self.batch, self.retention_s, self.retry_s = flush_s, batch, retention_s, retry_s
+        # The writer is woken before its interval once this many images wait: a batch, or half the buffer.
+        self._wake_at = max(1, min(batch, capacity // 2))
         self.failing: str | None = None  # the database's last error while writes fail
         self._buffer: deque[_Entry] = deque()
         self._buffered = 0  # images in _buffer
@@ -109,7 +111,7 @@ class Recorder:
             if self._buffered + images <= self.capacity:
                 self._buffer.append(entry)
                 self._buffered += images
-                full_batch = self._buffered >= self.batch
+                full_batch = self._buffered >= self._wake_at
                 images = 0
         if images:
             self._drop("database_error" if self.failing else "buffer_full", images)
@@ -186,7 +188,7 @@ class Recorder:
                 more = self._buffered
             if stopping and not more:
                 return
-            if more < self.batch and not stopping:
+            if more < self._wake_at and not stopping:
                 self._wake.wait(self.flush_s)
                 self._wake.clear()
 
