@@ -159,12 +159,18 @@ def test_a_labelled_example_is_stored_with_its_image(
 def test_erasure(
     captured: httpx.Client, capture_settings: Settings, test_digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    request_id = _predict(captured, test_digits[0][0]).headers["x-request-id"]
+    answer = _predict(captured, test_digits[0][0])
+    request_id = answer.headers["x-request-id"]
     assert captured.post("/feedback", json={"request_id": request_id, "label": 7}).status_code == 200
+    (kept,) = captured.get(f"/captures/{request_id}").json()  # an access request: what was kept
+    assert kept["label"] == 7 and kept["route"] == "/predict" and kept["prediction"] == answer.json()["prediction"]
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(kept["image_png_base64"]))))
+    np.testing.assert_array_equal(image, CaptureStore(capture_settings.capture_database).find(request_id)[0].image)
     erased = captured.delete(f"/captures/{request_id}")
     assert erased.status_code == 200 and erased.json() == {"request_id": request_id, "deleted": 1}
     assert CaptureStore(capture_settings.capture_database).find(request_id) == []
     assert captured.delete(f"/captures/{request_id}").status_code == 404
+    assert captured.get(f"/captures/{request_id}").status_code == 404
     assert captured.post("/feedback", json={"request_id": request_id, "label": 7}).status_code == 404
 
 
@@ -184,6 +190,7 @@ def test_feedback_needs_the_api_key(capture_settings: Settings, test_digits: tup
         assert client.post("/feedback", json=body).status_code == 401
         assert client.post("/feedback", json={"label": 99}).status_code == 401  # the key before the body
         assert client.delete(f"/captures/{body['request_id']}").status_code == 401
+        assert client.get(f"/captures/{body['request_id']}").status_code == 401
         assert client.post("/feedback/examples?label=1", content=b"x", headers={"Content-Type": "image/png"}
                            ).status_code == 401
         assert client.post("/feedback", json=body, headers=auth).status_code == 200

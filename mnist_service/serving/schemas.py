@@ -138,6 +138,19 @@ class FeedbackReceipt(BaseModel):
     detail: str = Field(description="What happened, in words.")
 
 
+class CapturedImage(BaseModel):
+    model_config = {"protected_namespaces": ()}
+
+    item: int = Field(description="Its place in the request, from 0.")
+    captured_at: float = Field(description="When, in Unix seconds.")
+    route: str = Field(description="The front door it came through.")
+    model_version: str = Field(description="The version that answered.")
+    prediction: int
+    probabilities: list[float]
+    label: int | None = Field(None, description="What a user said it was, if anyone did.")
+    image_png_base64: str = Field(description="The 28x28 image the model saw, as a base64 PNG: all that is kept.")
+
+
 class Erasure(BaseModel):
     request_id: str
     deleted: int = Field(description="Captured images deleted (one per image of the request).")

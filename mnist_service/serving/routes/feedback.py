@@ -1,4 +1,4 @@
-"""Ground truth from users: label a captured prediction, send a labelled example, erase a capture.
+"""Ground truth from users: label a captured prediction, send a labelled example, see or erase a capture.
 
 All need the API key (as predictions do) and capture on (CAPTURE_SAMPLE > 0): with it off the
 server keeps nothing to label, and these routes answer 404 saying so. The capture database is
@@ -8,16 +8,19 @@ reached in a thread (capture/recorder.py); when it is down they answer 503 with 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request
+from PIL import Image
 
 from mnist_service.capture.recorder import Recorder
 from mnist_service.capture.store import CaptureStore, CaptureUnavailable, as_row
 from mnist_service.errors import NotFound, ServiceError
+from mnist_service.inference.images import png_bytes
 from mnist_service.inference.model import CLASS_LABELS
 from mnist_service.metrics import Metrics
 from mnist_service.registry.registry import Registry
@@ -29,7 +32,13 @@ from mnist_service.serving.deps import (
     require_api_key,
     resolve_target,
 )
-from mnist_service.serving.schemas import ERROR_RESPONSES, Erasure, FeedbackReceipt, FeedbackRequest
+from mnist_service.serving.schemas import (
+    ERROR_RESPONSES,
+    CapturedImage,
+    Erasure,
+    FeedbackReceipt,
+    FeedbackRequest,
+)
 from mnist_service.serving.upload_codec import IMAGE_TYPES, decode_uploads, parse_uploads
 from mnist_service.settings import Settings
 
@@ -165,6 +174,25 @@ async def feedback_example(
         request_id=info.request_id, item=0, label=label, prediction=prediction, model_version=row[4],
         correct=prediction == label, replaced=False, previous_label=None, detail=detail,
     )
+
+
+@router.get("/captures/{request_id}", summary="What was kept of a request")
+async def captured(
+    request_id: Annotated[str, Path(max_length=128, description="The request id (X-Request-ID).")],
+    capture: CaptureDep,
+) -> list[CapturedImage]:
+    """Every captured image of one request, with its answer and label (an access request). 404 if none is stored."""
+    found = await _run(capture, lambda s: s.find(request_id))
+    if not found:
+        raise NotFound(f"no captured prediction has request id {request_id}")
+    return [
+        CapturedImage(
+            item=c.item, captured_at=c.captured_at, route=c.route, model_version=c.version, prediction=c.prediction,
+            probabilities=c.probabilities.tolist(), label=c.label,
+            image_png_base64=base64.b64encode(png_bytes(Image.fromarray(c.image))).decode(),
+        )
+        for c in found
+    ]
 
 
 @router.delete("/captures/{request_id}", summary="Erase a captured request")
