@@ -211,17 +211,22 @@ class CaptureStore:
                 deleted += n
                 if n < RETENTION_CHUNK:
                     break
-        if max_rows is not None:
+        while max_rows is not None:
+            # Counted and deleted in one transaction, one worker or pod at a time (SQLite's write lock,
+            # an advisory lock in PostgreSQL), so that two of them never both delete the same excess.
             with self.transaction() as cur:
+                if self.path is None:
+                    cur.execute("SELECT pg_advisory_xact_lock(2324)")
                 excess = cur.fetchall("SELECT count(*) FROM captures", ())[0][0] - max_rows
-            while excess > 0:
-                with self.transaction() as cur:
+                n = 0
+                if excess > 0:
                     n = cur.execute(
                         "DELETE FROM captures WHERE (request_id, item) IN (SELECT request_id, item FROM captures "
                         "ORDER BY (label IS NOT NULL), captured_at LIMIT ?)", (min(excess, RETENTION_CHUNK),),
                     )
-                deleted += n
-                excess = excess - n if n else 0
+            deleted += n
+            if n == 0 or n >= excess:
+                break
         return deleted
 
     # ---- reading ------------------------------------------------------------------------------
