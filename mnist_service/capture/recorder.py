@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from mnist_service.capture.store import CaptureStore, CaptureUnavailable, Row, as_row
+from mnist_service.capture.store import CaptureStore, CaptureUnavailable, Entry, Row, as_rows
 from mnist_service.metrics import Metrics
 from mnist_service.settings import Settings
 
@@ -34,8 +34,6 @@ T = TypeVar("T")
 DROP_REASONS = ("buffer_full", "database_error", "shutdown")
 CLASSES = 10
 
-# (request id, route, version, digits (n, 28, 28), probabilities (n, 10), unix time)
-_Entry = tuple[str, str, str, np.ndarray, np.ndarray, float]
 
 
 class Recorder:
@@ -66,7 +64,7 @@ class Recorder:
         # The writer is woken before its interval once this many images wait: a batch, or half the buffer.
         self._wake_at = max(1, min(batch, capacity // 2))
         self.failing: str | None = None  # the database's last error while writes fail
-        self._buffer: deque[_Entry] = deque()
+        self._buffer: deque[Entry] = deque()
         self._buffered = 0  # images in _buffer
         self._lock = threading.Lock()  # _buffer and _buffered, shared by the event loop and the writer
         self._request_lock = threading.Lock()
@@ -104,7 +102,7 @@ class Recorder:
         for outcome in ("correct", "wrong"):
             self.metrics.feedback.labels(version, outcome)
 
-    def add(self, entry: _Entry) -> None:
+    def add(self, entry: Entry) -> None:
         """Queue one request's capture for the writer; dropped and counted when the buffer is full."""
         images, full_batch = len(entry[3]), False
         with self._lock:
@@ -149,13 +147,14 @@ class Recorder:
         self.request_store.close()
 
     def _take(self) -> list[Row]:
-        rows: list[Row] = []
+        entries: list[Entry] = []
+        images = 0
         with self._lock:
-            while self._buffer and len(rows) < self.batch:
-                request_id, route, version, digits, probs, at = self._buffer.popleft()
-                self._buffered -= len(digits)
-                rows.extend((request_id, i, at, route, version, digits[i], probs[i]) for i in range(len(digits)))
-        return [as_row(*row) for row in rows]
+            while self._buffer and images < self.batch:
+                entries.append(self._buffer.popleft())
+                images += len(entries[-1][3])
+            self._buffered -= images
+        return as_rows(entries) if entries else []
 
     def _run(self) -> None:
         pending: list[Row] = []

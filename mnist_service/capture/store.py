@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 
 # A row as inserted: request_id, item, captured_at (unix seconds), route, version, prediction,
-# probabilities (bytes), image (bytes), label (None until labelled).
-Row = tuple[str, int, float, str, str, int, bytes, bytes, int | None]
+# probabilities (bytes), image (bytes), label and labelled_at (None until labelled).
+Row = tuple[str, int, float, str, str, int, bytes, bytes, int | None, float | None]
+# One request's capture: request_id, route, version, digits (n, 28, 28), probabilities (n, 10), unix time.
+Entry = tuple[str, str, str, np.ndarray, np.ndarray, float]
 
 BUSY_TIMEOUT_S = 5.0  # SQLite: how long a writer waits for another process's write lock
 CONNECT_TIMEOUT_S = 3  # PostgreSQL: a database that is down fails fast, and capture retries later
@@ -174,7 +176,7 @@ class CaptureStore:
         with self.transaction() as cur:
             cur.executemany(
                 _INSERT,
-                [(*row, time.time() if row[8] is not None else None) for row in rows],
+                rows,
             )
 
     def label(self, request_id: str, item: int, label: int) -> Captured | None:
@@ -288,10 +290,31 @@ def _captured(row: Sequence[Any]) -> Captured:
     )
 
 
+def _pixels(digits: np.ndarray) -> np.ndarray:
+    """Digits as the uint8 images the model saw; float pixel units (the v2 door) rounded into 0-255."""
+    return digits if digits.dtype == np.uint8 else np.clip(np.rint(digits), 0, 255).astype(np.uint8)
+
+
+def as_rows(entries: Sequence[Entry]) -> list[Row]:
+    """Requests' captures as rows, one per image, converted a batch at a time: the writer thread holds
+    the GIL, which the event loop needs, for as little Python work per image as can be."""
+    images = _pixels(np.concatenate([entry[3] for entry in entries])).tobytes()
+    probs = np.ascontiguousarray(np.concatenate([entry[4] for entry in entries]), dtype="<f4")
+    predictions = probs.argmax(1).tolist()
+    probabilities = probs.tobytes()
+    rows: list[Row] = []
+    k = 0
+    for request_id, route, version, digits, _, at in entries:
+        for item in range(len(digits)):
+            rows.append((request_id, item, at, route, version, predictions[k], probabilities[40 * k: 40 * k + 40],
+                         images[784 * k: 784 * k + 784], None, None))
+            k += 1
+    return rows
+
+
 def as_row(request_id: str, item: int, at: float, route: str, version: str, digit: np.ndarray,
            probs: np.ndarray, label: int | None = None) -> Row:
-    """One image and its answer as a row: the 28x28 the model saw as uint8, the probabilities as float32."""
-    if digit.dtype != np.uint8:  # float pixel units (the v2 door): rounded into 0-255
-        digit = np.clip(np.rint(digit), 0, 255).astype(np.uint8)
+    """One image and its answer as a row (a labelled example, or a test's), labelled now if `label` is given."""
     probs = np.asarray(probs, dtype="<f4")
-    return (request_id, item, at, route, version, int(probs.argmax()), probs.tobytes(), digit.tobytes(), label)
+    return (request_id, item, at, route, version, int(probs.argmax()), probs.tobytes(), _pixels(digit).tobytes(),
+            label, time.time() if label is not None else None)
