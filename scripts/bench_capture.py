@@ -60,11 +60,13 @@ def _measure(model: Path, sample: str, folder: Path, concurrency: int, seconds: 
         image = png_bytes(Image.fromarray(load_split(ROOT / "data" / "mnist", "test").images[0]))
         payload = build_payload(image)
         run_stress(url, payload, folder / "body", concurrency, 2, folder / "warm.json")  # warm-up
+        time.sleep(1.5)  # the warm-up's captures written
+        captured_before = CaptureStore(str(database)).count() if database.exists() else 0
         cpu_before = cpu_seconds(proc.pid)
         result = run_stress(url, payload, folder / "body", concurrency, seconds, folder / "run.json")
         cpu = cpu_seconds(proc.pid) - cpu_before
         time.sleep(1.5)  # the writers' last batch
-        captured = CaptureStore(str(database)).count() if database.exists() else 0
+        captured = (CaptureStore(str(database)).count() if database.exists() else 0) - captured_before
         return {"rps": result.rps, "cpu_ms": 1000 * cpu / max(result.requests, 1), "p99_ms": result.p99_ms,
                 "errors": result.errors, "requests": result.requests, "captured": captured}
     finally:
