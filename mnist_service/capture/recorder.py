@@ -127,8 +127,8 @@ class Recorder:
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
         self._thread.start()
         logger.info(
-            "capturing %g of predictions into %s (up to %d images buffered per worker)",
-            self.sample, self.where, self.capacity,
+            "capturing %g%% of requests into %s (up to %d images buffered per worker)",
+            100 * self.sample, self.where, self.capacity,
         )
 
     def stop(self, timeout_s: float = 5.0) -> None:
