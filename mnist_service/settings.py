@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     access_log: Literal["all", "errors", "off"] = Field(
         "errors",
         description="Which requests get a log line with their request id: every one, those answered 4xx/5xx, "
-        "or none. A line per request cost 4-5% of the server's CPU at 1,500 requests/s.",
+        "or none. A line per request costs a few % of the server's CPU under load (docs/performance.md).",
     )
 
     workers: int = Field(
