@@ -28,7 +28,7 @@ TOOLS_BIN = ROOT / ".venv-tools" / "bin"
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 APP = "mnist-service"
 # Each overlay in k8s/overlays has a fixture of the same name; test_every_overlay_is_tested keeps them in step.
-OVERLAYS = ("local", "ingress", "repository", "grpc")
+OVERLAYS = ("local", "ingress", "repository", "grpc", "capture")
 # The ingress overlay's placeholders, which the user replaces (k8s/overlays/ingress/ingress.yaml).
 INGRESS_HOST = "mnist.example.com"
 INGRESS_TLS_SECRET = "mnist-service-tls"
@@ -82,6 +82,11 @@ def repository() -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def grpc() -> list[dict[str, Any]]:
     return _render(K8S / "overlays" / "grpc")
+
+
+@pytest.fixture(scope="module")
+def capture() -> list[dict[str, Any]]:
+    return _render(K8S / "overlays" / "capture")
 
 
 def _one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -373,6 +378,28 @@ def test_grpc_overlay_probes_readiness_over_grpc_on_the_grpc_port(
     for other in ("livenessProbe", "startupProbe"):
         assert container[other] == base_container[other]
     assert [o["kind"] for o in grpc] == [o["kind"] for o in base]
+
+
+# --- the capture overlay -----------------------------------------------------------------------
+
+
+def test_capture_overlay_takes_the_database_from_a_secret_and_the_base_captures_nothing(
+    base: list[dict[str, Any]], capture: list[dict[str, Any]]
+) -> None:
+    base_container, container = _container(_one(base, "Deployment")), _container(_one(capture, "Deployment"))
+    assert not any(e["name"].startswith("CAPTURE_") for e in base_container["env"])
+    assert _settings(base).capture_sample == 0  # off unless an overlay asks
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CAPTURE_DATABASE"]["valueFrom"]["secretKeyRef"] == {"name": "mnist-capture", "key": "dsn"}
+    sample = float(env["CAPTURE_SAMPLE"]["value"])
+    assert Settings(capture_sample=sample).capture_sample == sample > 0
+    # Everything else as in the base; the pods may reach PostgreSQL (and DNS), nothing more.
+    assert [e for e in container["env"] if not e["name"].startswith("CAPTURE_")] == base_container["env"]
+    egress = _one(capture, "NetworkPolicy")["spec"]["egress"]
+    ports = {(p["port"], p["protocol"]) for rule in egress for p in rule["ports"]}
+    assert ports == {(5432, "TCP"), (53, "UDP"), (53, "TCP")}
+    assert all("to" not in rule or rule["to"] for rule in egress)
+    assert [o["kind"] for o in capture] == [o["kind"] for o in base]
 
 
 # --- the local overlay -------------------------------------------------------------------------
