@@ -104,7 +104,7 @@ class DataPlane:
         """`submit`, awaited."""
         return await self.submit(target, digits, alone=alone, request=request)
 
-    async def compare(self, digits: np.ndarray, request: RequestInfo | None = None) -> list[tuple[Version, np.ndarray]]:
+    async def compare(self, digits: np.ndarray) -> list[tuple[Version, np.ndarray]]:
         """Every ready version's probabilities for the same digits, in version order; none is shadowed."""
         versions = self.registry.ready()
         if not versions:

@@ -95,8 +95,13 @@ def verify_key(expected: SecretStr, offered: tuple[str | None, ...], name: str =
 
 def offered_keys(request: Request) -> tuple[str | None, str | None]:
     """The keys a request offers: a bearer token and an X-API-Key header."""
-    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
-    return (token if scheme.lower() == "bearer" else None, request.headers.get(_api_key_header.model.name))
+    return keys_from(request.headers.get("authorization"), request.headers.get(_api_key_header.model.name))
+
+
+def keys_from(authorization: str | None, api_key: str | None) -> tuple[str | None, str | None]:
+    """(bearer token, X-API-Key) from those two headers' values: what a request offers as its key."""
+    scheme, token = get_authorization_scheme_param(authorization)
+    return token if scheme.lower() == "bearer" else None, api_key
 
 
 def _verify_api_key(settings: Settings, offered: tuple[str | None, ...]) -> None:

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import httptools
 import numpy as np
 from fastapi import FastAPI
-from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import SecretStr
 
 from mnist_service.errors import NotFound, RequestTimeout, ServiceError, error_body
@@ -40,7 +39,7 @@ from mnist_service.inference.preprocess import image_to_digit
 from mnist_service.logconfig import REQUEST_CONTEXT, trace_context
 from mnist_service.serving import upload_codec, v2_codec
 from mnist_service.serving.dataplane import RequestInfo, Target
-from mnist_service.serving.deps import verify_key
+from mnist_service.serving.deps import keys_from, verify_key
 from mnist_service.serving.middleware import (
     CLIENT_CLOSED_REQUEST,
     MIN_LOGGED_STATUS,
@@ -290,12 +289,8 @@ class HotRequest:
     def _check_key(self) -> None:
         if self.hot.api_key is None:
             return
-        authorization, header_key = self.offered
-        scheme, token = get_authorization_scheme_param(authorization.decode("latin-1") if authorization else None)
-        verify_key(
-            self.hot.api_key,
-            (token if scheme.lower() == "bearer" else None, header_key.decode("latin-1") if header_key else None),
-        )
+        authorization, header_key = (value.decode("latin-1") if value else None for value in self.offered)
+        verify_key(self.hot.api_key, keys_from(authorization, header_key))
 
     def _read_upload(self) -> list[tuple[str, bytes]] | None:
         """The /predict request as digits; the files instead if one is too large to decode on the loop."""

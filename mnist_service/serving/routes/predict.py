@@ -112,7 +112,7 @@ async def predict_compare(request: Request) -> Response:
     debug = parse_debug(request.query_params.get("debug"))
     files = parse_uploads(request.headers.get("content-type", ""), await request.body(), "file", 1)
     digits = await decode_uploads(files, request.app.state.decode_pool, settings.max_image_pixels)
-    answers = await dataplane.compare(digits, request_info(request))
+    answers = await dataplane.compare(digits)
     predictions = [prediction_dicts(probs, v, digits if debug else None)[0] for v, probs in answers]
     default = dataplane.registry.default
     comparison = {
