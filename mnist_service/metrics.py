@@ -48,6 +48,7 @@ def observe_many(histogram: Any, values: np.ndarray) -> None:
 # The prediction routes and statuses the SLO rules read, whose series exist from start-up.
 STARTUP_ENDPOINTS = ("/predict", "/v2/models/{model_name}/infer")
 STARTUP_STATUSES = ("200", "500", "503")
+STARTUP_GRPC_CODES = ("OK", "INTERNAL", "UNAVAILABLE")  # gRPC's twins of STARTUP_STATUSES
 
 
 class Metrics:
@@ -86,6 +87,10 @@ class Metrics:
             "mnist_grpc_request_latency_seconds", "Time from a gRPC call's arrival to its answer, by method and "
             "model version.", ["method", "version"], buckets=_LATENCY_BUCKETS, registry=r,
         )
+        # At 0 from the start, as the HTTP series above (with GRPC_PORT=0 too: the rules read both protocols).
+        for code in STARTUP_GRPC_CODES:
+            self.grpc_requests.labels("ModelInfer", code, "")
+        self.grpc_request_latency.labels("ModelInfer", "")
         self.inference_time = Histogram(
             "mnist_inference_seconds", "Forward pass time per batch.", buckets=_FAST_BUCKETS, registry=r
         )

@@ -109,3 +109,7 @@ def test_the_series_the_slo_rules_read_exist_at_zero_from_the_start() -> None:
                 f'mnist_requests_total{{endpoint="{endpoint}",method="POST",status="{status}",version=""}} 0.0' in text
             ), (endpoint, status)
         assert f'mnist_request_latency_seconds_count{{endpoint="{endpoint}",version=""}} 0.0' in text
+    # gRPC's twins, which the same rules read: ModelInfer answered OK, INTERNAL (500), UNAVAILABLE (503).
+    for code in ("OK", "INTERNAL", "UNAVAILABLE"):
+        assert f'mnist_grpc_requests_total{{code="{code}",method="ModelInfer",version=""}} 0.0' in text, code
+    assert 'mnist_grpc_request_latency_seconds_count{method="ModelInfer",version=""} 0.0' in text
