@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from mnist_service.logconfig import configure_logging
 from mnist_service.process.server import serve
 from mnist_service.settings import Settings
@@ -20,8 +22,16 @@ def main() -> None:
     parser.add_argument("--host", help="interface to bind (env HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port (env PORT, default 8000)")
     parser.add_argument("--log-level", help="debug, info, warning, error (env LOG_LEVEL)")
+    parser.add_argument(
+        "--runtime", choices=["torchscript", "onnxruntime"],
+        help="what runs the model (env RUNTIME; default torchscript where torch is installed, else onnxruntime)",
+    )
     args = parser.parse_args()
-    settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
+    try:
+        settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        sys.exit(f"error: invalid settings: {problems}")
     configure_logging(settings.log_level, settings.log_format)
     sys.exit(serve(settings))
 

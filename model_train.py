@@ -6,6 +6,9 @@ version policy says, but requests that name no version stay with stable, which m
 fresh `make run` has something to serve). Promote, canary and roll back later with
 `python model_repository.py`. --output instead writes one flat file, OUTPUT/mnist_cnn.pt + .json.
 
+Every version gets model.onnx beside model.pt (ONNX Runtime serves it), once both give the same digit on
+all 10k test images (docs/training.md). --add-onnx PATH gives a model trained before that its ONNX export.
+
 --feedback CAPTURE_DATABASE adds the labelled captures of a capture database (docs/ground-truth.md)
 to the training set, except a held-out share that measures feedback_accuracy; the metadata records
 which rows. With --export DIR it writes them as MNIST IDX files instead of training.
@@ -19,10 +22,12 @@ from pathlib import Path
 
 from mnist_service.capture.dataset import export_idx
 from mnist_service.capture.store import CaptureUnavailable, redacted
+from mnist_service.inference.integrity import ModelLoadError
 from mnist_service.logconfig import configure_logging
 from mnist_service.registry.repository import RepositoryError
 from mnist_service.settings import Settings
-from mnist_service.training.train import TrainParams, publish, run
+from mnist_service.training.export import ExportMismatch
+from mnist_service.training.train import TrainParams, add_onnx, publish, run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,7 +69,25 @@ def main(argv: list[str] | None = None) -> None:
         "--export", type=Path, metavar="DIR",
         help="with --feedback: write the labelled captures as MNIST IDX files into DIR and exit (no training)",
     )
+    parser.add_argument(
+        "--add-onnx", type=Path, metavar="PT",
+        help="give a model trained before ONNX export (a flat .pt, or a version's model.pt) its .onnx and exit: "
+        "a flat file is rewritten in place, a repository version is published again as the next version",
+    )
     args = parser.parse_args(argv)
+    if args.add_onnx:
+        configure_logging()
+        try:
+            pt_path, metadata = add_onnx(args.add_onnx, args.data_dir)
+        except (ExportMismatch, ModelLoadError, RepositoryError, ValueError) as exc:
+            sys.exit(f"error: {exc}")
+        agreement = metadata["onnx"]["agreement"]
+        print(
+            f"version={metadata['version'][:12]} onnx_sha256={metadata['onnx_sha256'][:12]} "
+            f"same_digit={agreement['same_digit']}/{agreement['images']} "
+            f"max_abs_prob_diff={agreement['max_abs_prob_diff']:.1e} -> {pt_path}"
+        )
+        return
     if args.export:
         if not args.feedback:
             parser.error("--export needs --feedback CAPTURE_DATABASE")
@@ -94,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         metadata, destination = _train(params, args)
     except CaptureUnavailable as exc:
         sys.exit(f"error: the capture database {redacted(args.feedback)} can't be read: {exc}")
+    except ExportMismatch as exc:
+        sys.exit(f"error: {exc}")
     feedback = f" feedback_accuracy={metadata['feedback_accuracy']}" if "feedback_accuracy" in metadata else ""
     print(
         f"test_accuracy={metadata['test_accuracy']:.4f}{feedback} "

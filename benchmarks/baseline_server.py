@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI, File, UploadFile
 
-from mnist_service.inference.model import optimize_for_serving
 from mnist_service.inference.preprocess import image_to_digit
+from mnist_service.inference.torchscript_runtime import optimize_for_serving
 
 
 @asynccontextmanager

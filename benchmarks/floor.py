@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from mnist_service.inference import model as model_lib
+from mnist_service.inference import runtime
 from mnist_service.inference.predictor import Predictor
 from mnist_service.inference.preprocess import image_to_digit
 from mnist_service.metrics import Metrics
@@ -39,11 +38,12 @@ class Floor:
         return self.preprocess_us + self.forward_us
 
 
-def measure(model: Path, image: bytes, batch: int = 32, repeats: int = 7, images: int = 2048) -> Floor:
-    """The floor for `image` through `model`, on one torch thread, as a worker serves it."""
-    torch.set_num_threads(1)
-    module, metadata = model_lib.load_verified(model, model.with_suffix(".json"))
-    predictor = Predictor(model_lib.optimize_for_serving(module), metadata, Metrics(), max_batch_size=batch)
+def measure(
+    model: Path, image: bytes, batch: int = 32, repeats: int = 7, images: int = 2048, runtime_name: str = "torchscript"
+) -> Floor:
+    """The floor for `image` through `model`, on one thread of the runtime, as a worker serves it."""
+    loaded, metadata = runtime.load(runtime_name, model, model.with_suffix(".json"), threads=1)  # type: ignore[arg-type]
+    predictor = Predictor(loaded, metadata, Metrics(), max_batch_size=batch)
     predictor.warm_up()
     digits = np.stack([image_to_digit(image)] * batch)
     prep, fwd = [], []

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnist_service.inference.model import optimize_for_serving
+from mnist_service.inference.torchscript_runtime import optimize_for_serving
 
 
 class PeerModel:

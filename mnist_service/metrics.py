@@ -196,8 +196,9 @@ class Metrics:
         )
         # A gauge fixed at 1, not an Info: multiprocess mode cannot aggregate Info metrics.
         self.model_info = Gauge(
-            "mnist_model_info", "1 for each model version loaded and ready (0 once unloaded), with its labels.",
-            ["version", "sha256", "test_accuracy", "label"], multiprocess_mode="max", registry=r,
+            "mnist_model_info", "1 for each model version loaded and ready (0 once unloaded), with its labels and "
+            "the runtime serving it (torchscript or onnxruntime).",
+            ["version", "sha256", "test_accuracy", "label", "runtime"], multiprocess_mode="max", registry=r,
         )
 
     def request_done(self, endpoint: str, method: str, status: int, version: str, seconds: float) -> None:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RuntimeName = Literal["torchscript", "onnxruntime"]
+
+
+def torch_installed() -> bool:
+    """Whether torch can be imported here, found without importing it (that takes seconds and ~400 MB)."""
+    return importlib.util.find_spec("torch") is not None
 
 
 class Settings(BaseSettings):
@@ -75,10 +83,16 @@ class Settings(BaseSettings):
         le=64,
         description="Server processes. Each has one event loop and one inference thread: two fill two cores.",
     )
+    runtime: RuntimeName | None = Field(
+        None, validate_default=True, description="What runs the model: torchscript (model.pt) or onnxruntime "
+        "(model.onnx beside it; versions published before ONNX export can't be served by it). Unset: torchscript "
+        "where torch is installed, else onnxruntime (the slim image). docs/runtimes.md says when to choose which.",
+    )
     torch_threads: int = Field(
         1,
         ge=1,
-        description="Intra-op threads per worker for inference; with one per worker the workers share the cores.",
+        description="Intra-op threads per worker for inference, for either runtime (ONNX Runtime never "
+        "spin-waits); with one per worker the workers share the cores.",
     )
     max_batch_size: int = Field(32, ge=1, le=1024, description="The most images one forward pass takes.")
     max_batch_delay_ms: float = Field(
@@ -177,6 +191,18 @@ class Settings(BaseSettings):
         10_000, ge=1, description="Captured images a worker holds in memory while the database is slow or down; "
         "beyond it new captures are dropped and counted in mnist_capture_dropped_total.",
     )
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_available(cls, value: RuntimeName | None) -> RuntimeName:
+        if value is None:
+            return "torchscript" if torch_installed() else "onnxruntime"
+        if value == "torchscript" and not torch_installed():
+            raise ValueError(
+                "RUNTIME=torchscript needs torch, which is not installed here (the slim image has none): "
+                "use RUNTIME=onnxruntime, or the default image"
+            )
+        return value
 
     @property
     def resolved_metadata_path(self) -> Path:

@@ -22,8 +22,8 @@ from PIL import Image, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mnist_service.data import load_split
-from mnist_service.inference.model import load_verified, optimize_for_serving
 from mnist_service.inference.preprocess import image_to_digit
+from mnist_service.inference.torchscript_runtime import load_verified, optimize_for_serving
 from mnist_service.tools.images import png_bytes, user_digit
 
 

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_service.data import load_split
+from mnist_service.inference.runtime import RUNTIMES
 from mnist_service.registry.repository import METADATA_FILE, MODEL_FILE, Repository
 from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings
@@ -47,9 +48,21 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
         raise AssertionError(f"{exc}:\n{log.read_text()}") from None
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `both_runtimes` (a module's pytestmark) run once per runtime: the `runtime` the `settings`
+    fixture serves with. Every other test serves with TorchScript, the default where torch is installed."""
+    if "runtime" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_runtimes"):
+        metafunc.parametrize("runtime", RUNTIMES)
+
+
+@pytest.fixture
+def runtime() -> str:
+    return "torchscript"
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small model trained for a few seconds: ~95% accurate, enough to tell digits apart."""
+    """A small model trained for a few seconds: ~95% accurate, enough to tell digits apart; with its ONNX export."""
     out = tmp_path_factory.mktemp("model")
     run(TrainParams(data_dir=DATA_DIR, output=out, epochs=2, max_train=3000, seed=1, drift_images=2000))
     return out
@@ -75,21 +88,25 @@ def test_digits() -> tuple[np.ndarray, np.ndarray]:
     return split.images, split.labels
 
 
-def add_version(repo: Repository, number: int, source: Path, damage: Callable[[Path], None] | None = None) -> None:
-    """Put a model file pair from `source` into `repo` as version `number`, built in a hidden folder and
-    renamed into place, as publishing does."""
+def add_version(
+    repo: Repository, number: int, source: Path, damage: Callable[[Path], None] | None = None, onnx: bool = True
+) -> None:
+    """Put a model's files from `source` into `repo` as version `number` (without model.onnx if not `onnx`),
+    built in a hidden folder and renamed into place, as publishing does."""
     staging = repo.folder / f".staging-{number}"
     staging.mkdir(parents=True)
     shutil.copy(source / "mnist_cnn.pt", staging / MODEL_FILE)
     shutil.copy(source / "mnist_cnn.json", staging / METADATA_FILE)
+    if onnx and (source / "mnist_cnn.onnx").is_file():
+        shutil.copy(source / "mnist_cnn.onnx", staging / "model.onnx")
     if damage is not None:
         damage(staging / MODEL_FILE)
     os.rename(staging, repo.folder / str(number))
 
 
 @pytest.fixture
-def settings(model_path: Path) -> Settings:
-    return Settings(model_path=model_path, max_batch_delay_ms=1.0, request_timeout_s=10.0)
+def settings(model_path: Path, runtime: str) -> Settings:
+    return Settings(model_path=model_path, max_batch_delay_ms=1.0, request_timeout_s=10.0, runtime=runtime)
 
 
 @pytest.fixture

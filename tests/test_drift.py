@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_service.inference.integrity import ModelLoadError
-from mnist_service.inference.model import load_verified
+from mnist_service.inference.torchscript_runtime import load_verified
 from mnist_service.monitoring import drift
 from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings

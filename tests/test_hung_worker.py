@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_service.inference.model import export
 from mnist_service.process.handoff import BEAT_INTERVAL_S, LATE_AFTER_S
 from mnist_service.process.server import worker_pids
 from mnist_service.registry.repository import Repository
+from mnist_service.training.export import save_torchscript
 
 from .conftest import Server, add_version, running
 from .test_supervisor import _connections_held, _FreshReadiness, _Load, _served
@@ -71,9 +71,11 @@ def _controlled_repository(model_dir: Path, tmp_path: Path, base_s: float, slow_
     os.mkfifo(gate)
     net = torch.jit.load(str(model_dir / "mnist_cnn.pt"))
     metadata = json.loads((model_dir / "mnist_cnn.json").read_text())
-    del metadata["version"]  # export() records the new file's sha256
+    del metadata["version"], metadata["onnx_sha256"]  # the new file's sha256 is recorded; it has no ONNX export
     source = tmp_path / "controlled"
-    export(_Controlled(net, str(gate), int(base_s * 1e9), int(slow_s * 1e9)), metadata, source)
+    source.mkdir()
+    controlled = torch.jit.script(_Controlled(net, str(gate), int(base_s * 1e9), int(slow_s * 1e9)).eval())
+    save_torchscript(controlled, metadata, source / "mnist_cnn.pt")
     repo = Repository(tmp_path / "models", "mnist")
     add_version(repo, 1, source)
     return repo.root

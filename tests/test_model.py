@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_service.inference import model as model_lib
-from mnist_service.inference.model import ModelLoadError, Net, count_macs, load_verified, optimize_for_serving
+from mnist_service.inference.integrity import EMBEDDED_METADATA, ModelLoadError, sha256_file
+from mnist_service.inference.torchscript_runtime import load_verified, optimize_for_serving
+from mnist_service.training.model import Net, count_macs
 from mnist_service.training.train import TrainParams, run
 
 from .conftest import DATA_DIR
@@ -31,9 +32,10 @@ def test_metadata_has_everything_users_and_the_server_need(model_dir: Path) -> N
     for key in (
         "version", "test_accuracy", "per_class_accuracy", "confusion_matrix", "class_labels", "input",
         "training", "data_sha256", "torch_version", "created_at", "macs", "throughput_images_per_s",
+        "onnx_sha256", "onnx",
     ):
         assert key in meta, key
-    assert meta["version"] == model_lib.sha256_file(model_dir / "mnist_cnn.pt")
+    assert meta["version"] == sha256_file(model_dir / "mnist_cnn.pt")
     assert meta["torch_version"] == torch.__version__
     assert meta["class_labels"] == [str(d) for d in range(10)]
     assert meta["input"]["shape"] == [1, 1, 28, 28]
@@ -47,9 +49,9 @@ def test_metadata_has_everything_users_and_the_server_need(model_dir: Path) -> N
 
 
 def test_model_file_describes_itself(model_dir: Path) -> None:
-    extra = {model_lib.METADATA_FILE: ""}
+    extra = {EMBEDDED_METADATA: ""}
     torch.jit.load(str(model_dir / "mnist_cnn.pt"), _extra_files=extra)
-    embedded = json.loads(extra[model_lib.METADATA_FILE])
+    embedded = json.loads(extra[EMBEDDED_METADATA])
     on_disk = json.loads((model_dir / "mnist_cnn.json").read_text())
     assert embedded == {k: v for k, v in on_disk.items() if k != "version"}
 

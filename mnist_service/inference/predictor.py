@@ -3,7 +3,7 @@
 Requests put 28x28 arrays on a bounded queue. One batcher task collects them until it has
 `max_batch_size` images or `max_batch_delay_ms` has passed since the *first* request of the
 batch arrived, then runs one forward pass on a dedicated thread, so the event loop keeps
-parsing HTTP on the other core while torch computes.
+parsing HTTP on the other core while the runtime (TorchScript or ONNX Runtime) computes.
 
 A request that is alone (the caller says nothing else is in flight, and the batcher has nothing
 queued or computing) runs inline instead: with one client at a time, the queue, the batcher task
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from mnist_service.errors import ModelNotReady, Overloaded
+from mnist_service.inference.runtime import Runtime, normalize
 from mnist_service.metrics import Metrics, observe_many
 from mnist_service.monitoring import drift
 
@@ -53,11 +53,11 @@ class _Item:
 
 
 class Predictor:
-    """Owns the TorchScript module, its metadata and the batching loop."""
+    """Owns a version's runtime (the loaded model), its metadata and the batching loop."""
 
     def __init__(
         self,
-        module: torch.jit.ScriptModule | torch.nn.Module,
+        runtime: Runtime,
         metadata: dict[str, Any],
         metrics: Metrics,
         *,
@@ -67,7 +67,7 @@ class Predictor:
         max_queue: int = 512,
         request_timeout_s: float = 5.0,
     ) -> None:
-        self.module = module
+        self.runtime = runtime
         self.metadata = metadata
         self.metrics = metrics
         self.version = version  # the repository's version number, as a string
@@ -77,7 +77,7 @@ class Predictor:
         norm = metadata["input"]["normalization"]
         self._mean, self._std = float(norm["mean"]), float(norm["std"])
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
-        # One thread: torch parallelises inside a forward pass if asked, never across batches.
+        # One thread: the runtime parallelises inside a forward pass if asked, never across batches.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
         self._held: _Item | None = None  # an item that did not fit the last batch
@@ -113,14 +113,11 @@ class Predictor:
 
         Synchronous: runs on the inference thread.
         """
-        # Normalise in numpy: for one tiny image each torch op costs more than the arithmetic.
-        x = digits.astype(np.float32) * np.float32(1 / (255.0 * self._std)) - np.float32(self._mean / self._std)
-        with torch.inference_mode():
-            logits = self.module(torch.from_numpy(x[:, None]))
-            return torch.softmax(logits.float(), dim=1).numpy()
+        return self.runtime.forward(normalize(digits, self._mean, self._std))
 
     def warm_up(self, rounds: int = 20) -> None:
-        """Run the shapes we serve a few times (the JIT specialises on its first calls), and time a lone image."""
+        """Run the shapes we serve a few times (TorchScript's JIT specialises on its first calls, ORT allocates its
+        buffers), and time a lone image."""
         lone = []
         for batch in (1, 2, self.max_batch_size):
             for _ in range(rounds):

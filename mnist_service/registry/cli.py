@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_service.inference.integrity import ModelLoadError
+from mnist_service.inference.runtime import servable_by
 from mnist_service.registry.repository import LABELS, ModelConfig, Repository, RepositoryError
 from mnist_service.settings import Settings
 
@@ -113,6 +114,7 @@ def inventory(repo: Repository) -> dict[str, Any]:
                 "test_accuracy": metadata.get("test_accuracy"),
                 "created_at": metadata.get("created_at"),
                 "sha256": metadata.get("version"),
+                "runtimes": servable_by(metadata) if error is None else [],
             }
         )
     return {
@@ -130,7 +132,7 @@ def list_versions(repo: Repository, args: argparse.Namespace) -> str:
     data = inventory(repo)
     if args.json:
         return json.dumps(data, indent=2)
-    header = ["VERSION", "SELECTED", "LABELS", "ACCURACY", "CREATED", "SHA256", "STATE"]
+    header = ["VERSION", "SELECTED", "LABELS", "ACCURACY", "CREATED", "SHA256", "RUNTIMES", "STATE"]
     table = [header] + [
         [
             str(row["version"]),
@@ -139,6 +141,7 @@ def list_versions(repo: Repository, args: argparse.Namespace) -> str:
             f"{row['test_accuracy']:.4f}" if row["test_accuracy"] is not None else "-",
             row["created_at"] or "-",
             (row["sha256"] or "-")[:12],
+            ",".join(row["runtimes"]) or "-",
             "ok" if row["ok"] else row["error"],
         ]
         for row in data["versions"]

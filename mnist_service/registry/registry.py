@@ -30,6 +30,7 @@ import numpy as np
 from mnist_service.errors import ModelNotReady, NotFound, ServiceError
 from mnist_service.inference.integrity import ModelLoadError
 from mnist_service.inference.predictor import Predictor
+from mnist_service.inference.runtime import servable_by
 from mnist_service.metrics import Metrics
 from mnist_service.registry.repository import LABELS, ModelConfig, Repository, RepositoryError, VersionFiles
 from mnist_service.settings import Settings
@@ -68,6 +69,7 @@ class Version:
     reason: str = ""
     predictor: Predictor | None = None
     signature: tuple[Any, ...] = field(default=())
+    runtimes: list[str] = field(default_factory=list)  # what its files allow (an ONNX export or not)
 
     @property
     def name(self) -> str:
@@ -354,10 +356,13 @@ class Registry:
             await predictor.start()
         except (ModelLoadError, OSError, RuntimeError, ValueError, KeyError) as exc:
             version.state, version.reason = State.UNAVAILABLE, str(exc)
+            with contextlib.suppress(ModelLoadError, OSError):
+                version.runtimes = servable_by(version.files.verify("torchscript"))
             self.metrics.version_loads.labels(version.name, "failed").inc()
-            logger.error("model version %s can't be served: %s", version.name, exc)
+            logger.error("model version %s can't be served by %s: %s", version.name, self.settings.runtime, exc)
             return
         version.predictor, version.state = predictor, State.READY
+        version.runtimes = servable_by(predictor.metadata)
         self.metrics.version_loads.labels(version.name, "ready").inc()
         logger.info(
             "model version %s ready (sha256 %s, test accuracy %s)",
@@ -401,7 +406,7 @@ class Registry:
         for version in self.ready():
             labels = ",".join(self.labels_of(version.number))
             accuracy = str(version.metadata.get("test_accuracy"))
-            series.add((version.name, version.serving().sha256, accuracy, labels))
+            series.add((version.name, version.serving().sha256, accuracy, labels, version.serving().runtime.name))
         for stale in self._info - series:
             self.metrics.model_info.labels(*stale).set(0)
         for current in series - self._info:

@@ -5,6 +5,7 @@
         config.json            version policy and labels (optional: defaults below)
         1/model.pt             a version: a numbered folder with the TorchScript file...
         1/model.json           ...and its metadata (sha256, accuracy, ...), checked before serving
+        1/model.onnx           ...and its ONNX export for ONNX Runtime (versions published before it have none)
         2/...
 
 Only folders named by a positive integer are versions, so a version being published (written
@@ -35,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mnist_service.inference.integrity import ModelLoadError, read_verified_metadata
-from mnist_service.settings import Settings
+from mnist_service.inference.integrity import ModelLoadError, onnx_path_for, read_verified_metadata, verify_onnx
+from mnist_service.settings import RuntimeName, Settings
 
 MODEL_FILE = "model.pt"
 METADATA_FILE = "model.json"
@@ -121,20 +122,27 @@ class VersionFiles:
     model_path: Path
     metadata_path: Path
 
-    def signature(self) -> tuple[float, int, float, int]:
-        """mtime and size of both files: a version that failed to load is tried again only if it changed."""
-        stats = []
-        for path in (self.model_path, self.metadata_path):
+    def signature(self) -> tuple[float | int, ...]:
+        """mtime and size of its files: a version that failed to load is tried again only if they changed."""
+        stats: list[float | int] = []
+        for path in (self.model_path, self.metadata_path, onnx_path_for(self.model_path)):
             try:
                 st = path.stat()
                 stats += [st.st_mtime, st.st_size]
             except OSError:
                 stats += [0.0, -1]
-        return tuple(stats)  # type: ignore[return-value]
+        return tuple(stats)
 
-    def verify(self) -> dict[str, Any]:
-        """The version's metadata once its files pass the integrity checks; else ModelLoadError."""
-        return read_verified_metadata(self.model_path, self.metadata_path)
+    def verify(self, runtime: RuntimeName | None = None) -> dict[str, Any]:
+        """The version's metadata once its files pass the integrity checks; else ModelLoadError.
+
+        For one runtime, the files it loads (onnxruntime needs the ONNX export); for none, every file the
+        metadata records, as promoting a version should check.
+        """
+        metadata = read_verified_metadata(self.model_path, self.metadata_path)
+        if runtime == "onnxruntime" or (runtime is None and metadata.get("onnx_sha256")):
+            verify_onnx(self.model_path, metadata)
+        return metadata
 
 
 class Repository:
@@ -298,7 +306,7 @@ def check_servable(settings: Settings) -> None:
     a worker loads them, and never served.
     """
     if settings.model_path is not None:
-        read_verified_metadata(settings.model_path, settings.resolved_metadata_path)
+        VersionFiles(1, settings.model_path, settings.resolved_metadata_path).verify(settings.runtime)
         return
     repository = Repository(settings.model_repository, settings.model_name)
     versions = repository.versions()
@@ -313,11 +321,11 @@ def check_servable(settings: Settings) -> None:
         raise RepositoryError(f"the version policy in {repository.config_path} selects none of the versions on disk")
     default = config.labels.get("stable", max(numbers))
     try:
-        next(v for v in versions if v.number == default).verify()
+        next(v for v in versions if v.number == default).verify(settings.runtime)
     except StopIteration:
         raise RepositoryError(f"stable points at version {default}, which is not in {repository.folder}") from None
     except ModelLoadError as exc:
-        raise RepositoryError(f"the stable version {default} can't be served: {exc}") from exc
+        raise RepositoryError(f"the stable version {default} can't be served by {settings.runtime}: {exc}") from exc
 
 
 def _atomic_write(path: Path, text: str) -> None:

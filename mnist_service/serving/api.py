@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from mnist_service.capture.recorder import capture_from_settings
 from mnist_service.errors import error_body
-from mnist_service.inference import model as model_lib
+from mnist_service.inference import runtime
 from mnist_service.inference.images import noise_image, png_bytes
 from mnist_service.inference.predictor import InferenceFailed, Predictor
 from mnist_service.inference.preprocess import image_to_digit
@@ -36,10 +35,11 @@ logger = logging.getLogger(__name__)
 
 
 def build_predictor(settings: Settings, metrics: Metrics, files: VersionFiles, version: str) -> Predictor:
-    """Load, verify, optimise and warm one model version: everything before its first request."""
-    module, metadata = model_lib.load_verified(files.model_path, files.metadata_path)
+    """Load, verify, optimise and warm one model version with RUNTIME: everything before its first request."""
+    assert settings.runtime is not None  # Settings fills it in: torchscript where torch is installed
+    loaded, metadata = runtime.load(settings.runtime, files.model_path, files.metadata_path, settings.torch_threads)
     predictor = Predictor(
-        model_lib.optimize_for_serving(module),
+        loaded,
         metadata,
         metrics,
         version=version,
@@ -55,7 +55,6 @@ def build_predictor(settings: Settings, metrics: Metrics, files: VersionFiles, v
 @asynccontextmanager
 async def lifespan(app: ServiceApp) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    torch.set_num_threads(settings.torch_threads)
     overrides = settings.runtime_dir / "repository-overrides.json" if settings.runtime_dir else None
     registry = Registry(
         settings, app.state.metrics, functools.partial(build_predictor, settings, app.state.metrics), overrides
@@ -73,15 +72,16 @@ async def lifespan(app: ServiceApp) -> AsyncIterator[None]:
         for version in registry.ready():
             capture.expect_feedback(version.name)
     app.state.dataplane = DataPlane(registry, app.state.in_flight, capture)
-    # Everything loaded so far (torch, the model, FastAPI's routes) lives as long as the process.
+    # Everything loaded so far (the runtime, the model, FastAPI's routes) lives as long as the process.
     # Freezing it keeps the garbage collector's full passes from walking ~200,000 objects: those
     # passes stalled a worker for tens of ms every few seconds under load, which was the p99
     # (docs/performance.md).
     gc.collect()
     gc.freeze()
     logger.info(
-        "serving model versions %s (default %s) from %s",
+        "serving model versions %s (default %s) from %s with %s %s",
         ", ".join(v.name for v in registry.ready()), registry.resolve(None).name, registry.where(),
+        settings.runtime, registry.resolve(None).serving().runtime.version,
     )
     try:
         yield

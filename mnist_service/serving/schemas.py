@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from mnist_service.inference.model import CLASS_LABELS
+from mnist_service.inference.runtime import CLASS_LABELS
 
 
 class Prediction(BaseModel):
@@ -68,6 +68,10 @@ class VersionInfo(BaseModel):
     sha256: str | None = None
     test_accuracy: float | None = None
     created_at: str | None = None
+    runtimes: list[str] = Field(
+        default_factory=list, description="The runtimes its files allow: torchscript, and onnxruntime once it has an "
+        "ONNX export (versions published before that have none).",
+    )
 
 
 class ModelInfo(BaseModel):
@@ -84,7 +88,9 @@ class ModelInfo(BaseModel):
     class_labels: list[str]
     input: dict[str, Any]
     macs: int | None = None
-    torch_version: str | None = None
+    torch_version: str | None = Field(None, description="The torch that trained and exported the model.")
+    runtime: str = Field(description="What serves it (RUNTIME): torchscript or onnxruntime.")
+    runtime_version: str = Field(description="That runtime's version: torch's or onnxruntime's.")
     created_at: str | None = None
 
 

@@ -1,6 +1,7 @@
 """Training, evaluation and export of the CNN: a loop a reader can follow top to bottom.
 
-`publish` puts the result into the model repository as its next version; `run` writes one flat file.
+`publish` puts the result into the model repository as its next version; `run` writes one flat file;
+`add_onnx` gives a model trained before ONNX export its .onnx (training/export.py writes both formats).
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ from torch import nn
 from mnist_service.capture.dataset import Labelled, describe, read_labelled
 from mnist_service.capture.store import redacted
 from mnist_service.data import load_split
-from mnist_service.inference import model as model_lib
 from mnist_service.inference.images import png_bytes
+from mnist_service.inference.integrity import onnx_path_for
 from mnist_service.inference.preprocess import image_to_digit
+from mnist_service.inference.runtime import CLASS_LABELS, INPUT_SHAPE
+from mnist_service.inference.torchscript_runtime import load_verified, optimize_for_serving
 from mnist_service.monitoring import drift
 from mnist_service.registry.repository import MODEL_FILE, Repository
+from mnist_service.training.export import export_version
+from mnist_service.training.model import Net, count_macs
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +177,7 @@ def train_model(params: TrainParams) -> tuple[nn.Module, dict[str, Any]]:
     logger.info("training on %d images, testing on %d", len(x_train), len(x_test))
 
     torch.manual_seed(params.seed)
-    net = model_lib.Net()
+    net = Net()
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)  # drives shuffling and augmentation
     optimizer = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
@@ -198,21 +203,21 @@ def train_model(params: TrainParams) -> tuple[nn.Module, dict[str, Any]]:
     per_class = (cm.diagonal() / cm.sum(1).clip(min=1)).round(4).tolist()
 
     torch.set_num_threads(1)  # throughput figures are per inference thread, as served
-    served = model_lib.optimize_for_serving(torch.jit.script(net.eval()))
+    served = optimize_for_serving(torch.jit.script(net.eval()))
     metadata: dict[str, Any] = {
         "name": "mnist_cnn",
         "architecture": repr(net),
         "test_accuracy": round(float((y_pred == y_test).mean()), 4),
-        "per_class_accuracy": dict(zip(model_lib.CLASS_LABELS, per_class, strict=True)),
+        "per_class_accuracy": dict(zip(CLASS_LABELS, per_class, strict=True)),
         "confusion_matrix": cm.tolist(),
-        "class_labels": model_lib.CLASS_LABELS,
+        "class_labels": CLASS_LABELS,
         "input": {
-            "shape": model_lib.INPUT_SHAPE,
+            "shape": INPUT_SHAPE,
             "dtype": "float32",
             "layout": "NCHW, white digit on black, centred by centre of mass like MNIST",
             "normalization": {"mean": MEAN, "std": STD, "formula": "(pixel / 255 - mean) / std"},
         },
-        "macs": model_lib.count_macs(net),
+        "macs": count_macs(net),
         "parameters": sum(p.numel() for p in net.parameters()),
         "throughput_images_per_s": {
             "batch_1": round(measure_throughput(served, 1)),
@@ -297,10 +302,10 @@ class Published:
 
 
 def run(params: TrainParams) -> dict[str, Any]:
-    """Train, evaluate, export to params.output/mnist_cnn.pt + .json; return the metadata written."""
+    """Train, evaluate, export to params.output/mnist_cnn.pt + .onnx + .json; return the metadata written."""
     net, metadata = train_model(params)
-    pt_path = model_lib.export(net, metadata, params.output)
-    metadata = {"version": model_lib.sha256_file(pt_path), **metadata}
+    pt_path = params.output / "mnist_cnn.pt"
+    metadata = export_version(net, metadata, pt_path, load_split(params.data_dir, "test").images)
     logger.info("wrote %s (test accuracy %.4f)", pt_path, metadata["test_accuracy"])
     return metadata
 
@@ -314,7 +319,8 @@ def publish(params: TrainParams, repository: Path, model_name: str, promote: boo
     repo = Repository(repository, model_name)
     repo.read_config()  # a broken config.json fails now, not after the training
     net, metadata = train_model(params)
-    number = repo.publish(lambda folder: model_lib.export(net, metadata, folder, name=Path(MODEL_FILE).stem))
+    test_images = load_split(params.data_dir, "test").images
+    number = repo.publish(lambda folder: export_version(net, metadata, folder / MODEL_FILE, test_images))
     previous = repo.read_config().labels.get("stable")
     stable = number if promote or previous is None else previous
     if stable != previous:
@@ -322,3 +328,29 @@ def publish(params: TrainParams, repository: Path, model_name: str, promote: boo
     published = Published(number, repo.folder / str(number), repo.check_servable(number), stable, previous)
     logger.info("published %s (test accuracy %.4f), stable is %d", published.path, metadata["test_accuracy"], stable)
     return published
+
+
+def add_onnx(pt_path: Path, data_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """Give a model trained before ONNX export an ONNX export, checked like a new one: (its .pt, its metadata).
+
+    The .pt must change (its embedded metadata gains onnx_sha256), so its sha256, the version id, changes
+    too. A flat file is rewritten in place; a repository version, whose folder servers may hold, is left
+    as it is and the model is published as the next version (promote it to serve it).
+    """
+    module, metadata = load_verified(pt_path, pt_path.with_suffix(".json"))
+    if metadata.get("onnx_sha256"):
+        raise ValueError(f"{pt_path} already has an ONNX export ({onnx_path_for(pt_path).name})")
+    net = Net()
+    try:
+        net.load_state_dict(module.state_dict())
+    except RuntimeError as exc:
+        raise ValueError(f"{pt_path} is not this code's network (training/model.py Net): {exc}") from exc
+    test_images = load_split(data_dir, "test").images
+    exported = {k: v for k, v in metadata.items() if k != "version"} | {"derived_from": metadata["version"]}
+    if pt_path.name != MODEL_FILE:
+        return pt_path, export_version(module, exported, pt_path, test_images, onnx_source=net)
+    repo = Repository(pt_path.parent.parent.parent, pt_path.parent.parent.name)
+    number = repo.publish(
+        lambda folder: export_version(module, exported, folder / MODEL_FILE, test_images, onnx_source=net)
+    )
+    return repo.folder / str(number) / MODEL_FILE, repo.check_servable(number)

@@ -33,7 +33,7 @@ from mnist_service.serving.dataplane import RequestInfo
 from mnist_service.serving.deps import verify_key
 from mnist_service.serving.grpc import codec
 from mnist_service.serving.middleware import request_id_for
-from mnist_service.serving.routes.v2 import PLATFORM, SERVER_NAME
+from mnist_service.serving.routes.v2 import SERVER_NAME
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("mnist_service.access")  # the HTTP requests' access log
@@ -160,7 +160,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(
             name=self.model_name,
             versions=versions,
-            platform=PLATFORM,
+            platform=target.version.serving().runtime.platform,
             inputs=[tensor(name="input", datatype="FP32", shape=[-1, 1, 28, 28])],
             outputs=[
                 tensor(name="probabilities", datatype="FP32", shape=[-1, 10]),

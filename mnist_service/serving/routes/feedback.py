@@ -21,7 +21,7 @@ from mnist_service.capture.recorder import Recorder
 from mnist_service.capture.store import CaptureStore, CaptureUnavailable, as_row
 from mnist_service.errors import NotFound, ServiceError
 from mnist_service.inference.images import png_bytes
-from mnist_service.inference.model import CLASS_LABELS
+from mnist_service.inference.runtime import CLASS_LABELS
 from mnist_service.metrics import Metrics
 from mnist_service.registry.registry import Registry
 from mnist_service.serving.deps import (

@@ -40,7 +40,8 @@ async def readyz(request: Request, response: Response) -> Readiness:
 
 @router.get("/model", summary="Model versions and metadata", responses={503: ERROR_RESPONSES[503]})
 async def model_info(registry: RegistryDep) -> ModelInfo:
-    """The default version's metadata as training wrote it, and every version this worker holds."""
+    """The default version's metadata as training wrote it, the runtime serving it, and every version this worker
+    holds."""
     default = registry.resolve(None)
     versions = [
         VersionInfo(
@@ -51,11 +52,16 @@ async def model_info(registry: RegistryDep) -> ModelInfo:
             sha256=v.predictor.sha256 if v.predictor is not None else None,
             test_accuracy=v.metadata.get("test_accuracy"),
             created_at=v.metadata.get("created_at"),
+            runtimes=v.runtimes,
         )
         for v in registry.held()
     ]
+    runtime = default.serving().runtime
     return ModelInfo.model_validate(
-        {**default.metadata, "model_version": default.name, "versions": versions, "labels": registry.labels}
+        {
+            **default.metadata, "model_version": default.name, "versions": versions, "labels": registry.labels,
+            "runtime": runtime.name, "runtime_version": runtime.version,
+        }
     )
 
 

@@ -45,7 +45,6 @@ from mnist_service.serving.v2_schemas import (
 logger = logging.getLogger(__name__)
 
 SERVER_NAME = "mnist-service"
-PLATFORM = "pytorch_torchscript"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -203,7 +202,8 @@ def _add(suffix: str, endpoint: Callable[..., Any], method: str, **kwargs: Any) 
 
 
 async def model_metadata(request: Request, registry: RegistryDep, settings: SettingsDep) -> ModelMetadata:
-    """Name, versions (every loaded one; or the one in the path), platform and the tensors."""
+    """Name, versions (every loaded one; or the one in the path), platform (the runtime, as Triton names it) and
+    the tensors."""
     target = _requested(request)
     version = target.version
     versions = [version.name] if target.pinned else [v.name for v in registry.ready()]
@@ -211,7 +211,7 @@ async def model_metadata(request: Request, registry: RegistryDep, settings: Sett
     return ModelMetadata(
         name=settings.model_name,
         versions=versions,
-        platform=PLATFORM,
+        platform=version.serving().runtime.platform,
         inputs=[
             MetadataTensor(
                 name="input",
