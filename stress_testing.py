@@ -2,6 +2,7 @@
 
     python stress_testing.py --url http://localhost:8000 --image digit.png --requests 2000 --concurrency 32
     python stress_testing.py --protocol grpc --url localhost:8001 --requests 2000 --concurrency 32
+    python stress_testing.py --mode v2 --requests 2000 --concurrency 32   # the same tensor over REST
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main() -> None:
     )
     parser.add_argument("--duration", type=float, help="run the concurrent phase for this many seconds instead")
     parser.add_argument("--mode", choices=ENDPOINTS, default="multipart",
-                        help="multipart upload, raw body or pixels (HTTP only)")
+                        help="multipart upload, raw body, pixels JSON, or v2: the digit as the UINT8 [1,28,28] tensor "
+                        "--protocol grpc sends, to REST's v2 infer route as binary tensor data (HTTP only)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     parser.add_argument("--json", type=Path, help="write the summary as JSON here")
     parser.add_argument("--max-error-rate", type=float, default=0.0, help="exit 1 if the error rate exceeds this")

@@ -17,14 +17,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from benchmarks import torchserve_setup
 from benchmarks.server_cpu import alive, server_pids
 from mnist_service.settings import Settings
-from mnist_service.tools.stress import Payload, build_payload
+from mnist_service.tools.stress import Payload, build_grpc_payload, build_payload, build_v2_payload
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "out"
-SERVERS = ("ours", "ours-fastapi", "baseline", "litserve", "torchserve", "bentoml")
+SERVERS = ("ours", "ours-fastapi", "ours-grpc", "baseline", "litserve", "torchserve", "bentoml")
 
 
 def _service_pins(*names: str) -> tuple[str, ...]:
@@ -83,12 +85,22 @@ class ServerSpec:
     # What a request is: a multipart upload (field `file`, what `curl -F` sends) or the raw PNG body.
     body: Literal["multipart", "raw"] = "multipart"
     path: str = "/predict"
+    # Ours also takes a digit as a v2 tensor: REST's v2 infer route, or gRPC ModelInfer on this port (ours-grpc,
+    # which is measured on nothing else).
+    takes_tensor: bool = False
+    grpc_port: int | None = None
 
     def payload(self, image: bytes) -> Payload:
-        """The request this server is sent for `image`."""
+        """The request this server is sent for `image` (over HTTP)."""
         if self.body == "raw":
             return Payload(self.path, image, "image/png")
         return replace(build_payload(image, "multipart"), path=self.path)
+
+    def tensor_payload(self, pixels: np.ndarray) -> Payload | None:
+        """The request for a 28x28 digit as a UINT8 v2 tensor (gRPC ModelInfer or REST v2), None if not taken."""
+        if self.grpc_port is not None:
+            return build_grpc_payload(pixels)
+        return build_v2_payload(pixels) if self.takes_tensor else None
 
 
 def _apt_install(package: str) -> None:
@@ -146,14 +158,18 @@ def server_spec(
 ) -> ServerSpec:
     """The command line of one server, listening on 127.0.0.1:port. TorchServe's files are written here."""
     host = ["--host", "127.0.0.1", "--port", str(port)]
-    if name in ("ours", "ours-fastapi"):
+    if name in ("ours", "ours-fastapi", "ours-grpc"):
         # No drain window: the benchmark stops the server only when it is idle. ours-fastapi is the
-        # same server with the HTTP hot path off: FastAPI answers every request, as before it.
+        # same server with the HTTP hot path off: FastAPI answers every request, as before it. ours-grpc
+        # is ours (gRPC is on by default in all three, on a free port) measured through its gRPC door.
+        grpc_port = free_port()
         hot = {"HOT_PATH": "false"} if name == "ours-fastapi" else {}
         return ServerSpec(
             name,
             [sys.executable, "model_inference.py", "--model", str(model), *host],
-            {"SHUTDOWN_DRAIN_SECONDS": "0", **hot, **(env or {})},
+            {"SHUTDOWN_DRAIN_SECONDS": "0", "GRPC_PORT": str(grpc_port), **hot, **(env or {})},
+            takes_tensor=True,
+            grpc_port=grpc_port if name == "ours-grpc" else None,
         )
     if name == "baseline":
         return ServerSpec(

@@ -6,10 +6,12 @@ import asyncio
 import socket
 from collections import Counter
 
+import numpy as np
 import pytest
 from starlette.requests import Request
 
-from mnist_service.tools.stress import Payload, PhaseResult, build_payload, run_phase
+from mnist_service.serving import v2_codec
+from mnist_service.tools.stress import Connection, Payload, PhaseResult, build_payload, run_phase
 
 
 def test_summary_percentiles_and_errors() -> None:
@@ -51,6 +53,23 @@ def test_other_modes() -> None:
     assert pixels.path == "/predict/pixels" and pixels.body.startswith(b'{"pixels": [0, 0')
     with pytest.raises(ValueError, match="pixels mode"):
         build_payload(b"", "pixels")
+
+
+def test_v2_mode_sends_the_digit_as_binary_tensor_data_the_server_decodes() -> None:
+    """--mode v2: the UINT8 [1,28,28] tensor --protocol grpc sends, over REST with the binary extension."""
+    pixels = np.arange(784) % 256
+    payload = build_payload(b"", "v2", pixels.tolist())
+    assert payload.path == "/v2/models/mnist/infer" and payload.content_type == "application/octet-stream"
+    (name, length), = payload.headers
+    assert name == "Inference-Header-Content-Length"
+    header, binary = v2_codec.split_body(payload.body, int(length))
+    request = v2_codec.parse_request(header)
+    digits = v2_codec.decode_input(request.inputs[0], binary, max_batch=64)
+    assert digits.shape == (1, 28, 28) and (digits.ravel() == pixels).all()
+    assert request.parameters.binary_data_output  # answered in binary too, as the gRPC door answers raw
+    # The header goes out with every request.
+    head = Connection("http://127.0.0.1:1", payload, 1.0).request.split(b"\r\n\r\n")[0]
+    assert f"Inference-Header-Content-Length: {length}".encode() in head.split(b"\r\n")
 
 
 _ANSWERS = {

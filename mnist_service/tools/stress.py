@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from tqdm import tqdm
 
-ENDPOINTS = ("multipart", "raw", "pixels")
+ENDPOINTS = ("multipart", "raw", "pixels", "v2")
 PROTOCOLS = ("http", "grpc")
 GRPC_CONTENT_TYPE = "application/grpc"
 
@@ -35,10 +35,11 @@ class Payload:
     body: bytes
     content_type: str
     api_key: str | None = None  # sent as X-API-Key (metadata x-api-key over gRPC)
+    headers: tuple[tuple[str, str], ...] = ()  # more HTTP headers (the v2 binary extension's header length)
 
 
 def build_payload(image: bytes, mode: str = "multipart", pixels: list[int] | None = None) -> Payload:
-    """The request to repeat: a multipart upload, a raw image body, or a pixels JSON."""
+    """The request to repeat: a multipart upload, a raw image body, a pixels JSON, or the pixels as a v2 tensor."""
     if mode == "multipart":
         boundary = uuid.uuid4().hex
         body = (
@@ -52,7 +53,22 @@ def build_payload(image: bytes, mode: str = "multipart", pixels: list[int] | Non
         if pixels is None:
             raise ValueError("pixels mode needs the 784 pixel values")
         return Payload("/predict/pixels", json.dumps({"pixels": pixels}).encode(), "application/json")
+    if mode == "v2":
+        if pixels is None:
+            raise ValueError("v2 mode needs the 784 pixel values")
+        return build_v2_payload(np.asarray(pixels))
     raise ValueError(f"mode must be one of {ENDPOINTS}")
+
+
+def build_v2_payload(pixels: np.ndarray, model_name: str = "mnist") -> Payload:
+    """REST's twin of `build_grpc_payload`: the same UINT8 [1, 28, 28] tensor to the v2 infer route, as bytes
+    after a JSON header (the binary tensor data extension, as tritonclient.http sends it), answered in binary."""
+    digit = np.asarray(pixels, dtype=np.uint8).reshape(1, 28, 28)
+    tensor = {"name": "input", "shape": list(digit.shape), "datatype": "UINT8",
+              "parameters": {"binary_data_size": digit.nbytes}}
+    header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+    return Payload(f"/v2/models/{model_name}/infer", header + digit.tobytes(), "application/octet-stream",
+                   headers=(("Inference-Header-Content-Length", str(len(header))),))
 
 
 def build_grpc_payload(pixels: np.ndarray, model_name: str = "mnist") -> Payload:
@@ -108,9 +124,10 @@ class Connection:
         self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self.timeout_s = timeout_s
         path = parts.path.rstrip("/") + payload.path
-        key = f"X-API-Key: {payload.api_key}\r\n" if payload.api_key else ""
+        headers = ((("X-API-Key", payload.api_key),) if payload.api_key else ()) + payload.headers
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
         self.request = (
-            f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: mnist-stress\r\n{key}"
+            f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: mnist-stress\r\n{extra}"
             f"Content-Type: {payload.content_type}\r\nContent-Length: {len(payload.body)}\r\n\r\n"
         ).encode() + payload.body
         self.reader: asyncio.StreamReader | None = None
@@ -292,5 +309,6 @@ async def run(
     return results
 
 
-def write_json(path: Path, results: dict[str, PhaseResult]) -> None:
-    path.write_text(json.dumps({name: r.summary() for name, r in results.items()}, indent=2) + "\n")
+def write_json(path: Path, results: dict[str, PhaseResult], **extra: float) -> None:
+    """The phases' summaries, and any `extra` numbers beside them (the benchmark's client CPU)."""
+    path.write_text(json.dumps({**{name: r.summary() for name, r in results.items()}, **extra}, indent=2) + "\n")
