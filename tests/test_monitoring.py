@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,7 @@ FAMILIES = {
     "mnist_shadow_comparisons_total", "mnist_shadow_confidence_bucket", "mnist_drift_reference_share",
     "mnist_drift_reference_cdf", "mnist_drift_threshold", "mnist_captures_total", "mnist_capture_dropped_total",
     "mnist_feedback_total", "mnist_feedback_wrong_total", "mnist_labelled_captures", "mnist_model_test_accuracy",
+    "mnist_grpc_requests_total", "mnist_grpc_request_latency_seconds_bucket",
 }
 # What the dashboard must show: one query at least reads each.
 DASHBOARD_MUST_READ = {
@@ -69,6 +71,7 @@ DASHBOARD_MUST_READ = {
     "version_score:mnist_drift_score:1h", "mnist_drift_threshold", "mnist_model_info",
     "mnist_shadow_comparisons_total", "mnist_worker_deaths_total", "mnist_captures_total",
     "mnist_capture_dropped_total", "mnist_feedback_total", "mnist_feedback_wrong_total", "mnist_labelled_captures",
+    "mnist_grpc_requests_total", "mnist_grpc_request_latency_seconds_bucket",
 }
 # Quoted in the alerts' descriptions besides the dashboard's panels: what the service logs.
 LOG_MESSAGES = {"unhandled error", "inference failed"}
@@ -360,7 +363,8 @@ def test_compose_mounts_exist_and_agree() -> None:
 
 # --- a real server and a real Prometheus ---------------------------------------------------------
 # One server (two workers, a stable and a canary version, shadowing every request, a queue of one
-# so that a burst is shed) and one Prometheus scraping it every second, for the tests below.
+# so that a burst is shed, gRPC on) and one Prometheus scraping it every second, for the tests below.
+GRPC_CALLS = 20  # ModelInfer calls the fixture makes, answered by the stable version
 
 
 @dataclass
@@ -454,9 +458,11 @@ def stack(
     add_version(repo, 1, model_dir)
     add_version(repo, 2, other_model_dir)
     repo.write_config(ModelConfig(labels={"stable": 1, "canary": 2}))
+    grpc_port = free_port()
     server = start_process(
         model_dir / "mnist_cnn.pt", folder, MODEL_REPOSITORY=str(repo.root), WORKERS="2", SHADOW_SAMPLE="1",
         MAX_QUEUE="1", ACCESS_LOG="errors", CAPTURE_SAMPLE="1", CAPTURE_DATABASE=str(folder / "captures.sqlite3"),
+        GRPC_PORT=str(grpc_port),
     )
     prometheus = None
     try:
@@ -484,6 +490,9 @@ def stack(
         _eventually(lambda: built.classify(images[3220:3284], concurrency=64, retry=False), "a burst shed")
         # Feedback on a few answers, one of them labelled wrong on purpose: live accuracy and its panels.
         _send_feedback(built, test_digits[0][3300:3306], [*test_digits[1][3300:3305].tolist(), -1])
+        # ModelInfer calls over gRPC, one at a time (the queue holds one).
+        _eventually(lambda: server.stderr().count("over gRPC on") >= 2, "both workers serving gRPC")
+        _infer_over_grpc(built, f"127.0.0.1:{grpc_port}", images[3400 : 3400 + GRPC_CALLS], folder)
         # A worker killed: counted in mnist_worker_deaths_total, and replaced.
         os.kill(worker_pids(server.proc.pid)[0], signal.SIGKILL)
         _eventually(lambda: server.stderr().count("Application startup complete.") >= 3, "the worker replaced")
@@ -497,6 +506,36 @@ def stack(
             prometheus.wait(timeout=30)
         server.proc.kill()
         server.proc.wait()
+
+
+# tritonclient.grpc in a process of its own: this one may hold our generated modules' twin (test_grpc's).
+_GRPC_CLIENT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+client = grpcclient.InferenceServerClient(sys.argv[1])
+answers = []
+for image in np.load(sys.argv[2]):
+    tensor = grpcclient.InferInput("input", [1, 28, 28], "UINT8")
+    tensor.set_data_from_numpy(image[None])
+    result = client.infer("mnist", [tensor], outputs=[grpcclient.InferRequestedOutput("probabilities")])
+    answers.append([result.get_response().model_version, result.as_numpy("probabilities")[0].tolist()])
+print(json.dumps(answers))
+"""
+
+
+def _infer_over_grpc(stack: Stack, target: str, images: np.ndarray, folder: Path) -> None:
+    """ModelInfer each 28x28 image as a UINT8 tensor; the stable version's answers are recorded like
+    Stack.classify's (the tensor is what the model saw: no preprocessing on this path)."""
+    np.save(folder / "grpc-images.npy", images)
+    result = subprocess.run([sys.executable, "-c", _GRPC_CLIENT, target, str(folder / "grpc-images.npy")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for image, (version, probs) in zip(images, json.loads(result.stdout), strict=True):
+        assert version in ("1", "2"), version
+        if version == "1":
+            stack.digits.append(image)
+            stack.probs.append(probs)
 
 
 def _send_feedback(stack: Stack, images: np.ndarray, labels: list[int]) -> None:
@@ -527,6 +566,31 @@ def _sample_names(text: str) -> set[str]:
 def test_live_scrape_has_every_metric_family(stack: Stack) -> None:
     missing = FAMILIES - _sample_names(_scrape(stack))
     assert not missing, f"no samples of {sorted(missing)}"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_grpc_calls_reach_prometheus(stack: Stack) -> None:
+    """The fixture's ModelInfer calls are series in Prometheus, under the labels the rules and panels select
+    (promtool's tests in rules_test.yml check what the rules make of them; the gRPC panels' data is
+    checked with every other panel's below)."""
+    selector = 'method="ModelInfer",code="OK",version="1"'  # the default version, stable, answers them
+    _eventually(lambda: stack.query(f"sum(mnist_grpc_requests_total{{{selector}}}) == {GRPC_CALLS}"),
+                f"{GRPC_CALLS} gRPC calls counted in Prometheus")
+    _eventually(lambda: stack.query(
+        f'sum(mnist_grpc_request_latency_seconds_count{{method="ModelInfer",version="1"}}) == {GRPC_CALLS}'
+    ), "their latencies")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_the_killed_worker_fires_mnist_worker_died(stack: Stack) -> None:
+    def firing() -> list[dict[str, Any]]:
+        alerts = httpx.get(f"{stack.prometheus}/api/v1/alerts", timeout=30).json()["data"]["alerts"]
+        return [a for a in alerts if a["labels"]["alertname"] == "MnistWorkerDied" and a["state"] == "firing"]
+
+    (alert,) = _eventually(firing, "MnistWorkerDied firing")
+    assert alert["labels"]["cause"] == "SIGKILL" and alert["labels"]["job"] == JOB
 
 
 @pytest.mark.e2e
