@@ -58,6 +58,8 @@ log = logging.getLogger("benchmarks.run")
 SERVER_TEXT = {
     "ours": "**ours** with its defaults (2 workers, micro-batching, PNGs decoded with libspng, the HTTP hot path "
     "answering POST /predict below ASGI); multipart uploads.",
+    "ours-onnx": "**ours-onnx**: ours with `RUNTIME=onnxruntime`, the model's ONNX export on ONNX Runtime (one "
+    "intra-op thread per worker, no spinning) instead of TorchScript (docs/runtimes.md); multipart uploads.",
     "ours-fastapi": "**ours-fastapi**: the same server with `HOT_PATH=false`, FastAPI answering every request "
     "(the server before the hot path); multipart uploads.",
     "ours-grpc": "**ours-grpc**: ours (the same defaults; every ours here serves gRPC on a free port, as GRPC_PORT "

@@ -26,7 +26,7 @@ from mnist_service.tools.stress import Payload, build_grpc_payload, build_payloa
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "out"
-SERVERS = ("ours", "ours-fastapi", "ours-grpc", "baseline", "litserve", "torchserve", "bentoml")
+SERVERS = ("ours", "ours-onnx", "ours-fastapi", "ours-grpc", "baseline", "litserve", "torchserve", "bentoml")
 
 
 def _service_pins(*names: str) -> tuple[str, ...]:
@@ -158,16 +158,17 @@ def server_spec(
 ) -> ServerSpec:
     """The command line of one server, listening on 127.0.0.1:port. TorchServe's files are written here."""
     host = ["--host", "127.0.0.1", "--port", str(port)]
-    if name in ("ours", "ours-fastapi", "ours-grpc"):
+    if name in ("ours", "ours-onnx", "ours-fastapi", "ours-grpc"):
         # No drain window: the benchmark stops the server only when it is idle. ours-fastapi is the
         # same server with the HTTP hot path off: FastAPI answers every request, as before it. ours-grpc
-        # is ours (gRPC is on by default in all three, on a free port) measured through its gRPC door.
+        # is ours (gRPC is on by default in all of them, on a free port) measured through its gRPC door.
+        # ours-onnx is ours on ONNX Runtime (the model's .onnx beside it) instead of TorchScript.
         grpc_port = free_port()
-        hot = {"HOT_PATH": "false"} if name == "ours-fastapi" else {}
+        variant = {"ours-fastapi": {"HOT_PATH": "false"}, "ours-onnx": {"RUNTIME": "onnxruntime"}}.get(name, {})
         return ServerSpec(
             name,
             [sys.executable, "model_inference.py", "--model", str(model), *host],
-            {"SHUTDOWN_DRAIN_SECONDS": "0", "GRPC_PORT": str(grpc_port), **hot, **(env or {})},
+            {"SHUTDOWN_DRAIN_SECONDS": "0", "GRPC_PORT": str(grpc_port), **variant, **(env or {})},
             takes_tensor=True,
             grpc_port=grpc_port if name == "ours-grpc" else None,
         )
