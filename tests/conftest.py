@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -73,6 +74,21 @@ def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second, weaker model (one short epoch, another seed): it disagrees with the first now and then."""
     out = tmp_path_factory.mktemp("other-model")
     run(TrainParams(data_dir=DATA_DIR, output=out, epochs=1, max_train=600, seed=7, drift_images=2000))
+    return out
+
+
+@pytest.fixture(scope="session")
+def old_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """model_dir's network as published before ONNX export: mnist_cnn.pt + .json, no onnx_sha256, no .onnx."""
+    import torch  # only training-side fixtures need it
+
+    from mnist_service.training.export import save_torchscript
+
+    out = tmp_path_factory.mktemp("old-model")
+    metadata = json.loads((model_dir / "mnist_cnn.json").read_text())
+    for key in ("version", "onnx_sha256", "onnx"):
+        del metadata[key]
+    save_torchscript(torch.jit.load(str(model_dir / "mnist_cnn.pt")), metadata, out / "mnist_cnn.pt")
     return out
 
 

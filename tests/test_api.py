@@ -1,4 +1,7 @@
-"""The HTTP API through the app factory: answers, bad input, metrics, auth and failure handling."""
+"""The HTTP API through the app factory: answers, bad input, metrics, auth and failure handling.
+
+Every test runs under both runtimes (TorchScript and ONNX Runtime) and both ways in (ASGI and the hot path).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,17 @@ import io
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import onnxruntime
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from mnist_service.inference.runtime import Runtime
 from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings
 from mnist_service.tools.images import png_bytes, user_digit
+
+pytestmark = pytest.mark.both_runtimes
 
 _NOISE_PNG = png_bytes(Image.fromarray(np.random.default_rng(1).integers(0, 256, (100, 100), dtype=np.uint8)))
 
@@ -50,6 +56,19 @@ def test_probes_and_model_info(client: TestClient) -> None:
     assert [(v["version"], v["state"], v["labels"], v["sha256"]) for v in info["versions"]] == [
         ("1", "READY", ["stable"], sha256)
     ]
+
+
+def test_model_info_and_metrics_name_the_runtime(client: TestClient, runtime: str) -> None:
+    info = client.get("/model").json()
+    expected_version = {"torchscript": info["torch_version"], "onnxruntime": onnxruntime.__version__}[runtime]
+    assert (info["runtime"], info["runtime_version"]) == (runtime, expected_version)
+    assert info["torch_version"]  # what trained the model, whatever serves it
+    assert info["versions"][0]["runtimes"] == ["torchscript", "onnxruntime"]
+    platform = {"torchscript": "pytorch_torchscript", "onnxruntime": "onnxruntime_onnx"}[runtime]
+    assert client.get("/v2/models/mnist").json()["platform"] == platform
+    assert client.get("/v2/models/mnist/versions/1").json()["platform"] == platform
+    info_lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith("mnist_model_info{")]
+    assert len(info_lines) == 1 and f'runtime="{runtime}"' in info_lines[0], info_lines
 
 
 def test_predict_reads_user_images_correctly(client: TestClient, digit_pngs: list[tuple[bytes, int]]) -> None:
@@ -152,7 +171,7 @@ def test_too_many_batch_files_is_refused(client: TestClient) -> None:
 
 @pytest.fixture
 def small_limit_client(settings: Settings, serve: Callable) -> Iterator[TestClient]:
-    with serve(Settings(model_path=settings.model_path, max_upload_bytes=1000)) as c:
+    with serve(Settings(model_path=settings.model_path, runtime=settings.runtime, max_upload_bytes=1000)) as c:
         yield c
 
 
@@ -213,26 +232,25 @@ def test_draining_server_is_not_ready(client: TestClient) -> None:
     assert client.get("/healthz").status_code == 200
 
 
-class _FailOnce(torch.nn.Module):
-    """A model that raises on its first call, then answers: an injected inference failure."""
+class _FailOnce:
+    """A runtime that raises on its first forward pass, then answers: an injected inference failure."""
 
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
+    def __init__(self, inner: Runtime) -> None:
         self.inner = inner
         self.failed = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: np.ndarray) -> np.ndarray:
         if not self.failed:
             self.failed = True
             raise RuntimeError("secret internal detail: CUDA exploded at /opt/model.py:42")
-        return self.inner(x)
+        return self.inner.forward(x)
 
 
 def test_inference_failure_is_a_generic_500_and_the_server_recovers(
     client: TestClient, digit_pngs: list[tuple[bytes, int]]
 ) -> None:
     predictor = client.app.state.registry.default.predictor
-    predictor.module = _FailOnce(predictor.module)
+    predictor.runtime = _FailOnce(predictor.runtime)  # type: ignore[assignment]
     response = client.post("/predict", files={"file": ("d.png", digit_pngs[0][0], "image/png")})
     assert response.status_code == 500
     body = response.json()
@@ -243,7 +261,7 @@ def test_inference_failure_is_a_generic_500_and_the_server_recovers(
 
 @pytest.fixture
 def keyed_client(settings: Settings, serve: Callable) -> Iterator[TestClient]:
-    with serve(Settings(model_path=settings.model_path, api_key="s3cret")) as c:
+    with serve(Settings(model_path=settings.model_path, runtime=settings.runtime, api_key="s3cret")) as c:
         yield c
 
 
@@ -267,7 +285,9 @@ def test_cors_is_off_by_default(client: TestClient) -> None:
 
 
 def test_cors_can_be_configured(settings: Settings) -> None:
-    app = create_app(Settings(model_path=settings.model_path, cors_origins=["https://app.example"]))
+    app = create_app(
+        Settings(model_path=settings.model_path, runtime=settings.runtime, cors_origins=["https://app.example"])
+    )
     with TestClient(app) as c:
         response = c.options(
             "/predict", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}

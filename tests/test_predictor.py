@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from mnist_service.errors import ModelNotReady, Overloaded
 from mnist_service.inference.predictor import InferenceFailed, Predictor
@@ -22,26 +21,27 @@ MEAN, STD = 0.1307, 0.3081
 METADATA = {"version": "fake", "input": {"normalization": {"mean": MEAN, "std": STD}}}
 
 
-class SlowModel(torch.nn.Module):
-    """Sleeps `delay_s` per forward pass; raises when an image is filled with `fail_on`."""
+class SlowModel:
+    """A runtime that sleeps `delay_s` per forward pass; raises when an image is filled with `fail_on`."""
+
+    name, version, platform = "fake", "0", "fake"
 
     def __init__(self, delay_s: float = 0.0, fail_on: int | None = None) -> None:
-        super().__init__()
         self.delay_s = delay_s
         self.fail_on = fail_on
         self.batches: list[list[int]] = []  # the fill value of every image, per forward pass
         self.started: list[float] = []
         self.entered = threading.Event()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: np.ndarray) -> np.ndarray:
         self.started.append(time.perf_counter())
-        pixels = torch.round((x[:, 0, 0, 0] * STD + MEAN) * 255).long()
+        pixels = np.rint((x[:, 0, 0, 0] * STD + MEAN) * 255).astype(np.int64)
         self.batches.append(pixels.tolist())
         self.entered.set()
         time.sleep(self.delay_s)
         if self.fail_on is not None and bool((pixels == self.fail_on).any()):
             raise RuntimeError("simulated model failure")
-        return torch.nn.functional.one_hot(pixels % 10, 10).float() * 20
+        return np.eye(10, dtype=np.float32)[pixels % 10]  # the digit, with certainty
 
     @property
     def sizes(self) -> list[int]:
@@ -51,7 +51,7 @@ class SlowModel(torch.nn.Module):
 def _predictor(model: SlowModel, **kwargs: float) -> Predictor:
     options = {"max_batch_size": 32, "max_batch_delay_ms": 0.0, "max_queue": 64, "request_timeout_s": 10.0}
     options.update(kwargs)
-    return Predictor(model, METADATA, Metrics(), **options)  # type: ignore[arg-type]
+    return Predictor(model, METADATA, Metrics(), **options)
 
 
 def _digits(value: int, n: int = 1) -> np.ndarray:
@@ -216,7 +216,7 @@ class ThreadRecordingModel(SlowModel):
         super().__init__(delay_s)
         self.threads: list[str] = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: np.ndarray) -> np.ndarray:
         self.threads.append(threading.current_thread().name)
         return super().forward(x)
 

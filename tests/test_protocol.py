@@ -171,16 +171,16 @@ def test_a_client_hanging_up_mid_json_body_is_a_499(server: _Running) -> None:
 
 def _slow_model(server: _Running, seconds: float) -> list[int]:
     """Make every forward pass take `seconds`; returns the list of batch sizes it computes."""
-    predictor = server.app.state.registry.default.predictor
-    module = predictor.module
+    runtime = server.app.state.registry.default.predictor.runtime
+    forward = runtime.forward
     computed: list[int] = []
 
     def slow(x: Any) -> Any:
         computed.append(int(x.shape[0]))
         time.sleep(seconds)
-        return module(x)
+        return forward(x)
 
-    predictor.module = slow
+    runtime.forward = slow
     return computed
 
 
@@ -212,15 +212,15 @@ def _abandon_a_queued_request(server: _Running, computed: list[int]) -> None:
 
 
 def test_a_lone_request_runs_inline_and_requests_that_arrive_together_are_batched(server: _Running) -> None:
-    predictor = server.app.state.registry.default.predictor
-    module = predictor.module
+    runtime = server.app.state.registry.default.predictor.runtime
+    forward = runtime.forward
     passes: list[tuple[str, int]] = []  # (thread, images) of every forward pass
 
     def recording(x: Any) -> Any:
         passes.append((threading.current_thread().name, int(x.shape[0])))
-        return module(x)
+        return forward(x)
 
-    predictor.module = recording
+    runtime.forward = recording
     upload = _raw_upload(_digit_png())
     with server.connect() as s:
         for _ in range(3):  # one client, one request at a time
@@ -236,7 +236,7 @@ def test_a_lone_request_runs_inline_and_requests_that_arrive_together_are_batche
             time.sleep(0.3)
         return out
 
-    predictor.module = first_one_slow
+    runtime.forward = first_one_slow
     clients = [server.connect() for _ in range(9)]
     try:
         for c in clients:  # every connection accepted and read by the server before the test proper

@@ -168,6 +168,37 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(
     served.wait_for(lambda: served.predict(digit_pngs[0]).json()["model_version"] == "3", "the repaired 3 serving")
 
 
+@pytest.mark.parametrize("runtime", ["torchscript", "onnxruntime"])
+def test_a_version_published_before_onnx_export_serves_under_torchscript_only(
+    tmp_path: Path, model_dir: Path, old_model_dir: Path, digit_pngs: list[bytes], runtime: str
+) -> None:
+    repository = Repository(tmp_path / "models", "mnist")
+    add_version(repository, 1, old_model_dir)  # no model.onnx, no onnx_sha256
+    add_version(repository, 2, model_dir)
+    repository.write_config(ModelConfig(labels={"stable": 2}))
+    with _served(repository, runtime=runtime) as served:
+        info = served.http.get("/model").json()
+        assert info["runtime"] == runtime
+        runtimes = {v["version"]: v["runtimes"] for v in info["versions"]}
+        assert runtimes == {"1": ["torchscript"], "2": ["torchscript", "onnxruntime"]}
+        assert served.predict(digit_pngs[0]).json()["model_version"] == "2"
+        pinned = served.predict(digit_pngs[0], "1")
+        index = served.http.post("/v2/repository/index", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+        if runtime == "torchscript":
+            assert pinned.status_code == 200 and pinned.json()["model_version"] == "1"
+            assert [e["state"] for e in index] == ["READY", "READY"]
+            return
+        # ONNX Runtime: version 1 can't be served, says why everywhere a user looks, and 2 serves on.
+        why = "published before ONNX export"
+        assert pinned.status_code == 404 and why in pinned.json()["detail"], pinned.text
+        assert index[0]["state"] == "UNAVAILABLE" and why in index[0]["reason"], index
+        assert "RUNTIME=torchscript" in index[0]["reason"]
+        assert index[1]["state"] == "READY"
+        old = next(v for v in info["versions"] if v["version"] == "1")
+        assert old["state"] == "UNAVAILABLE" and why in old["reason"]
+        assert served.samples("mnist_model_version_loads_total")[(("outcome", "failed"), ("version", "1"))] == 1
+
+
 def test_compare_answers_with_every_loaded_version(served: _Served, digit_pngs: list[bytes]) -> None:
     disagreed = 0
     for png in digit_pngs:
@@ -216,16 +247,16 @@ def test_shadow_counts_agreement_without_changing_the_answers(served: _Served, d
 def test_shadow_work_is_skipped_not_queued_when_the_canary_is_busy(repo: Repository, digit_pngs: list[bytes]) -> None:
     repo.set_label("canary", 2)
     with _served(repo) as served:
-        canary = served.registry.canary.predictor
+        canary = served.registry.canary.predictor.runtime
         computed: list[int] = []
-        original = canary.module
+        original = canary.forward
 
         def slow(x: Any) -> Any:
             computed.append(int(x.shape[0]))
             time.sleep(0.3)
             return original(x)
 
-        canary.module = slow
+        canary.forward = slow
         started = time.monotonic()
         answers = [served.predict(digit_pngs[i % len(digit_pngs)]) for i in range(30)]
         elapsed = time.monotonic() - started

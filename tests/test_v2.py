@@ -1,4 +1,7 @@
-"""Open Inference Protocol (v2): the real tritonclient against a real uvicorn server, and bad requests."""
+"""Open Inference Protocol (v2): the real tritonclient against a real uvicorn server, and bad requests.
+
+Every test runs under both runtimes (TorchScript and ONNX Runtime), with the hot path on and off.
+"""
 
 from __future__ import annotations
 
@@ -20,15 +23,28 @@ from mnist_service.settings import Settings
 
 from .conftest import served_in_thread
 
+pytestmark = pytest.mark.both_runtimes
+
 N_DIGITS = 64  # MAX_BATCH_FILES, the largest batch v2 accepts
+PLATFORMS = {"torchscript": "pytorch_torchscript", "onnxruntime": "onnxruntime_onnx"}  # as Triton names them
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["hot", "asgi"])
-def server_url(model_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A real server on a free port (tritonclient needs real HTTP), with the hot path on and off."""
-    settings = Settings(model_path=model_path, max_batch_delay_ms=1.0, request_timeout_s=10.0, hot_path=request.param)
+@pytest.fixture(scope="module", params=[(True, "torchscript"), (False, "torchscript"), (True, "onnxruntime"),
+                                        (False, "onnxruntime")], ids=lambda p: f"{'hot' if p[0] else 'asgi'}-{p[1]}")
+def server(model_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """A real server on a free port (tritonclient needs real HTTP), with the hot path on and off, under each
+    runtime: (url, runtime)."""
+    hot_path, runtime = request.param
+    settings = Settings(
+        model_path=model_path, max_batch_delay_ms=1.0, request_timeout_s=10.0, hot_path=hot_path, runtime=runtime
+    )
     with served_in_thread(settings) as (_, url):
-        yield url
+        yield url, runtime
+
+
+@pytest.fixture(scope="module")
+def server_url(server: tuple[str, str]) -> str:
+    return server[0]
 
 
 @pytest.fixture
@@ -63,14 +79,15 @@ def reference(server_url: str, digits: tuple[np.ndarray, np.ndarray]) -> np.ndar
     return np.array(rows, dtype=np.float32)
 
 
-def test_server_and_model_are_live_ready_and_described(triton: httpclient.InferenceServerClient) -> None:
+def test_server_and_model_are_live_ready_and_described(
+    triton: httpclient.InferenceServerClient, server: tuple[str, str]
+) -> None:
     assert triton.is_server_live()
     assert triton.is_server_ready()
     assert triton.is_model_ready("mnist")
-    server = triton.get_server_metadata()
-    assert "binary_tensor_data" in server["extensions"]
+    assert "binary_tensor_data" in triton.get_server_metadata()["extensions"]
     model = triton.get_model_metadata("mnist")
-    assert model["name"] == "mnist" and model["platform"] == "pytorch_torchscript"
+    assert model["name"] == "mnist" and model["platform"] == PLATFORMS[server[1]]
     assert model["versions"] == ["1"]  # MODEL_PATH: a repository of one version
     assert model["inputs"][0]["datatype"] == "FP32" and model["inputs"][0]["shape"] == [-1, 1, 28, 28]
     assert {o["name"]: (o["datatype"], o["shape"]) for o in model["outputs"]} == {

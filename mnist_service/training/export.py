@@ -51,10 +51,13 @@ def export_onnx(net: nn.Module, path: Path) -> None:
     """
     net = copy.deepcopy(net).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
-    # The exporter logs a warning per torchvision op it can't register; torchvision is never installed here.
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
+    # The exporter logs a warning per torchvision op it can't register (torchvision is never installed here),
+    # and its graph optimiser (onnxscript, onnx_ir) a line per pass: training's output shows only problems.
+    names = ("torch.onnx._internal.exporter._registration", "onnxscript", "onnx_ir")
+    quiet = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # deprecations inside torch.export, not ours to fix
@@ -63,7 +66,8 @@ def export_onnx(net: nn.Module, path: Path) -> None:
                 input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False,
             )
     finally:
-        registration.setLevel(level)
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
 
 
 def check_agreement(
@@ -144,6 +148,7 @@ def export_version(
         }
         written = save_torchscript(scripted, metadata, pt_path)
         os.replace(staging, onnx_path)
+        os.utime(onnx_path)  # written before the .pt, but `make` must see it as the newer of the two
     finally:
         staging.unlink(missing_ok=True)
     logger.info(
