@@ -1,21 +1,24 @@
 """The data plane: the one path from decoded digits to probabilities that every front door calls.
 
-Each front door (the upload and pixel routes, v2 over REST, the HTTP hot path in protocol.py)
-decodes its request into digits (n, 28, 28), asks `target()` which version answers, calls
-`submit()` or `infer()`, and encodes the probabilities, as KServe's and MLServer's endpoints call
-their DataPlane. Version resolution, the shadow rule, batching and the per-batch metrics happen
-here (and in the Predictor and Registry it calls) once, so two doors cannot disagree on them.
+Each front door (the upload and pixel routes, v2 over REST, the HTTP hot path in protocol.py, the
+gRPC servicer) decodes its request into digits (n, 28, 28), asks `target()` which version answers,
+calls `submit()` or `infer()`, and encodes the probabilities, as KServe's and MLServer's endpoints
+call their DataPlane. Version resolution, the shadow rule, batching and the per-batch metrics happen
+here (and in the Predictor and Registry it calls) once, so two doors cannot disagree on them; so do
+the model repository extension's load and unload, which REST and gRPC both offer.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from mnist_service.capture.recorder import Recorder
+from mnist_service.errors import BadRequest
 from mnist_service.registry.registry import Registry, Version
 
 
@@ -38,22 +41,25 @@ class RequestInfo:
 
 
 class InFlight:
-    """The requests a worker is answering, as its HTTP protocol knows them: uvicorn's set of request
-    tasks, which every connection of a server shares, plus the hot path's requests (which have no
-    task). Each counts from the moment its headers are read, before anything has started on it, so
-    requests that arrived together are counted together. Empty when the app runs under something
-    else, such as a TestClient.
+    """The requests a worker is answering: uvicorn's set of request tasks, which every HTTP connection
+    of a server shares, plus the hot path's requests (which have no task) and the gRPC calls (grpc's
+    own, on the same event loop). An HTTP request counts from the moment its headers are read, before
+    anything has started on it, so requests that arrived together are counted together; a gRPC call
+    from its handler's start to its status. Empty when the app runs under something else, such as a
+    TestClient.
     """
 
-    __slots__ = ("hot", "tasks")
+    __slots__ = ("grpc", "hot", "tasks")
 
     def __init__(self) -> None:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.hot = 0
+        self.grpc = 0
 
     def alone(self) -> bool:
-        """Exactly one request is in flight: the caller's own."""
-        return len(self.tasks) + self.hot == 1
+        """Exactly one request is in flight: the caller's own. A gRPC call in flight means not alone: an
+        inline forward pass would hold the event loop its stream is served on."""
+        return len(self.tasks) + self.hot + self.grpc == 1
 
 
 class DataPlane:
@@ -103,6 +109,26 @@ class DataPlane:
     ) -> np.ndarray:
         """`submit`, awaited."""
         return await self.submit(target, digits, alone=alone, request=request)
+
+    async def load(self, parameters: Collection[str] = ()) -> None:
+        """The repository extension's load: read the repository now and load what it selects (undoing an
+        unload), returning once this worker has a ready default; the other workers follow within
+        REPOSITORY_POLL_S. A 400 for a load that carries `parameters` (a config, files, paths: this server
+        loads only from its own repository), or when nothing can serve, with the reasons."""
+        if parameters:
+            raise BadRequest(
+                "this server loads models only from its own repository: a load request can't carry a config, "
+                f"files or paths (got parameters {sorted(parameters)[:5]}); publish a version with model_train.py"
+            )
+        await self.registry.set_unloaded(False)
+        if self.registry.default is None:
+            reasons = self.registry.failures() or "no version in the repository"
+            raise BadRequest(f"failed to load '{self.registry.model_name}': {reasons}")
+
+    async def unload(self) -> None:
+        """The repository extension's unload: every version of the model stops taking requests, finishes
+        its queue and is freed, in every worker of this server, until the next load."""
+        await self.registry.set_unloaded(True)
 
     async def compare(self, digits: np.ndarray) -> list[tuple[Version, np.ndarray]]:
         """Every ready version's probabilities for the same digits, in version order; none is shadowed."""

@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import SecretStr
 
-from mnist_service.errors import BadRequest, Forbidden, NotFound, ServiceError
+from mnist_service.errors import Forbidden, NotFound, ServiceError
 from mnist_service.inference.predictor import InferenceFailed
 from mnist_service.logconfig import REQUEST_CONTEXT, trace_context
 from mnist_service.protos import grpc_predict_v2_pb2 as pb
@@ -93,6 +93,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.settings = state.settings
         self.metrics = state.metrics
         self.dataplane = state.dataplane
+        self.in_flight = state.in_flight  # counts this worker's gRPC calls beside its HTTP requests
         self.registry = state.registry
         self.model_name: str = self.settings.model_name
         self.log_all = self.settings.access_log == "all"
@@ -195,16 +196,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _load(self, request: pb.RepositoryModelLoadRequest, call: Call) -> pb.RepositoryModelLoadResponse:
         self._check_admin_key(call)
         self._known(request.model_name)
-        if request.parameters:
-            raise BadRequest(
-                "this server loads models only from its own repository: a load request can't carry a config, "
-                f"files or paths (got parameters {sorted(request.parameters)[:5]}); publish a version with "
-                "model_train.py"
-            )
-        await self.registry.set_unloaded(False)
-        if self.registry.default is None:
-            reasons = self.registry.failures() or "no version in the repository"
-            raise BadRequest(f"failed to load '{self.model_name}': {reasons}")
+        await self.dataplane.load(request.parameters)
         return pb.RepositoryModelLoadResponse()
 
     async def _unload(
@@ -212,7 +204,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         self._check_admin_key(call)
         self._known(request.model_name)
-        await self.registry.set_unloaded(True)
+        await self.dataplane.unload()
         return pb.RepositoryModelUnloadResponse()
 
     # ---- shared by every call ----------------------------------------------------------------------
@@ -244,6 +236,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         logged_as = {"request_id": call.request_id, **trace_context(metadata.get("traceparent"))}
         context_token = REQUEST_CONTEXT.set(logged_as)
         code = grpc.StatusCode.OK
+        self.in_flight.grpc += 1
         try:
             reply = await answer(call)
         except asyncio.CancelledError:
@@ -258,6 +251,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             context.set_trailing_metadata(self._trailing(call))
             return reply
         finally:
+            self.in_flight.grpc -= 1
             self._done(call, code, time.perf_counter() - started)
             REQUEST_CONTEXT.reset(context_token)
 

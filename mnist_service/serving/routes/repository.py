@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Path, Request
 
 from mnist_service.errors import BadRequest, Forbidden, NotFound
 from mnist_service.registry.registry import State
-from mnist_service.serving.deps import RegistryDep, SettingsDep, offered_keys, verify_key
+from mnist_service.serving.deps import DataPlaneDep, RegistryDep, SettingsDep, offered_keys, verify_key
 from mnist_service.serving.routes.v2 import ProtocolRoute
 from mnist_service.serving.schemas import error_responses
 from mnist_service.serving.v2_schemas import RepositoryIndexEntry, V2Error
@@ -83,18 +83,9 @@ async def repository_index(request: Request, registry: RegistryDep) -> list[Repo
     dependencies=[Depends(require_admin_key), Depends(_known)],
     responses=_ERRORS,
 )
-async def load_model(request: Request, registry: RegistryDep) -> dict:
+async def load_model(request: Request, dataplane: DataPlaneDep) -> dict:
     """Load what the repository selects now (undoing an unload); 400 with the reasons if nothing can serve."""
-    parameters = (await _json_body(request)).get("parameters") or {}
-    if parameters:
-        raise BadRequest(
-            "this server loads models only from its own repository: a load request can't carry a config, "
-            f"files or paths (got parameters {sorted(parameters)[:5]}); publish a version with model_train.py"
-        )
-    await registry.set_unloaded(False)
-    if registry.default is None:
-        reasons = registry.failures() or "no version in the repository"
-        raise BadRequest(f"failed to load '{registry.model_name}': {reasons}")
+    await dataplane.load((await _json_body(request)).get("parameters") or {})
     return {}
 
 
@@ -104,8 +95,8 @@ async def load_model(request: Request, registry: RegistryDep) -> dict:
     dependencies=[Depends(require_admin_key), Depends(_known)],
     responses=_ERRORS,
 )
-async def unload_model(request: Request, registry: RegistryDep) -> dict:
+async def unload_model(request: Request, dataplane: DataPlaneDep) -> dict:
     """Stop serving every version of the model, in every worker of this server, until the next load."""
     await _json_body(request)  # unload_dependents is accepted and has nothing to act on
-    await registry.set_unloaded(True)
+    await dataplane.unload()
     return {}
