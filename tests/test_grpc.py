@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import socket
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from mnist_service.process.server import worker_pids
 from mnist_service.registry.repository import ModelConfig, Repository
 
 from .conftest import (
@@ -753,3 +756,133 @@ def test_sigterm_drains_grpc_like_http_and_drops_nothing(
     finally:
         _stop(server)
 
+
+
+def _access_lines(server: GrpcServer) -> list[tuple[int, str, str]]:
+    """(worker pid, code, request id) of every ModelInfer access line logged so far (ACCESS_LOG=all, text logs)."""
+    line = r" INFO (\d+) mnist_service\.access protocol=grpc method=ModelInfer code=(\w+) .*request_id=(\S+)"
+    found = re.findall(line, server.process.stderr())
+    return [(int(pid), code, request_id) for pid, code, request_id in found]
+
+
+def _client(server: GrpcServer) -> grpcclient.InferenceServerClient:
+    """A client on a connection of its own (channels to one target share one connection by default)."""
+    return grpcclient.InferenceServerClient(server.target, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def _call(client: grpcclient.InferenceServerClient, image: np.ndarray, request_id: str) -> str:
+    """One ModelInfer: "OK", or the status code's name."""
+    try:
+        client.infer("mnist", [_infer_input(image, "UINT8")], headers={"x-request-id": request_id}, client_timeout=10)
+    except InferenceServerException as exc:
+        return str(exc.status()).removeprefix("StatusCode.")
+    return "OK"
+
+
+def test_a_killed_worker_s_grpc_connections_move_and_its_replacement_serves_grpc(
+    model_dir: Path, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """SIGKILL one of two workers while clients call on both: calls on the dead worker's connections fail
+    UNAVAILABLE and their retry succeeds on a new connection; calls on the other worker never fail; the
+    replacement binds GRPC_PORT (SO_REUSEPORT) and takes new connections."""
+    server = _start(model_dir / "mnist_cnn.pt", tmp_path, workers=2, ACCESS_LOG="all")
+    image = digits[0][:1]
+    clients: list[grpcclient.InferenceServerClient] = []
+    try:
+        # Connections until both workers hold one (the kernel picks a worker per connection).
+        home: dict[int, int] = {}  # client -> worker pid
+        while len(set(home.values())) < 2:
+            assert len(clients) < 40, f"40 connections, all to one worker: {home}"
+            clients.append(_client(server))
+            i = len(clients) - 1
+            assert _call(clients[i], image, f"home-{i}") == "OK"
+            _until(lambda i=i: any(rid == f"home-{i}" for _, _, rid in _access_lines(server)), "the access line")
+            home[i] = next(pid for pid, _, rid in _access_lines(server) if rid == f"home-{i}")
+        victim = home[0]
+        assert victim in worker_pids(server.process.proc.pid)
+        stop = time.monotonic() + 60
+        outcomes: dict[int, list[str]] = {i: [] for i in home}
+        killed = False
+
+        def keep_calling(i: int) -> None:
+            n = 0
+            while time.monotonic() < stop:
+                outcomes[i].append(_call(clients[i], image, f"load-{i}-{n}"))
+                n += 1
+                if killed and server.process.stderr().count(SERVING_LINE) >= 3 and outcomes[i][-1] == "OK":
+                    return  # the replacement serves, and this client has been answered since the kill
+
+        with ThreadPoolExecutor(len(home)) as pool:
+            running = [pool.submit(keep_calling, i) for i in home]
+            time.sleep(1.0)
+            os.kill(victim, signal.SIGKILL)
+            killed = True
+            for future in running:
+                future.result()
+        failed = {code for codes in outcomes.values() for code in codes if code != "OK"}
+        assert failed <= {"UNAVAILABLE"}, outcomes
+        # The survivor's connections saw no failure at all.
+        assert all(codes.count("OK") == len(codes) for i, codes in outcomes.items() if home[i] != victim), outcomes
+        # Every client of the dead worker ends answered: gRPC reconnected it to a live worker.
+        assert all(codes[-1] == "OK" for codes in outcomes.values())
+        # The replacement serves gRPC: fresh connections reach it.
+        replacement = set(worker_pids(server.process.proc.pid)) - set(home.values())
+        assert len(replacement) == 1, (replacement, home)
+        for n in range(40):
+            fresh = _client(server)
+            assert _call(fresh, image, f"fresh-{n}") == "OK"
+            fresh.close()
+            _until(lambda n=n: any(rid == f"fresh-{n}" for _, _, rid in _access_lines(server)), "the access line")
+            if any(pid in replacement for pid, _, rid in _access_lines(server) if rid == f"fresh-{n}"):
+                break
+        else:
+            pytest.fail("40 new connections, none to the replacement worker")
+    finally:
+        for client in clients:
+            client.close()
+        _stop(server)
+
+
+def test_sigterm_under_grpc_load_drops_no_call_the_server_took(
+    model_dir: Path, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Eight clients calling without pause through SIGTERM: every call a worker's handler started (it has an
+    access line) is answered OK and reaches its client, including those of the drain window; the calls that
+    fail once the listeners close never reached a handler, and fail UNAVAILABLE or CANCELLED (grpc's core
+    refusing or cancelling a stream the stopping server never took up), never with a server error."""
+    server = _start(model_dir / "mnist_cnn.pt", tmp_path, workers=2, ACCESS_LOG="all", SHUTDOWN_DRAIN_SECONDS="1",
+                    SHUTDOWN_TIMEOUT_SECONDS="10")
+    image = digits[0][:1]
+    clients = [_client(server) for _ in range(8)]
+    outcomes: list[list[tuple[float, str, str]]] = [[] for _ in clients]  # (when, code, request id)
+    signalled = float("inf")
+
+    def keep_calling(i: int) -> None:
+        n = 0
+        while not (outcomes[i] and outcomes[i][-1][1] != "OK" and outcomes[i][-1][0] > signalled):  # closed
+            request_id = f"drain-{i}-{n}"
+            outcomes[i].append((time.monotonic(), _call(clients[i], image, request_id), request_id))
+            n += 1
+
+    try:
+        with ThreadPoolExecutor(len(clients)) as pool:
+            running = [pool.submit(keep_calling, i) for i in range(len(clients))]
+            time.sleep(1.0)
+            server.process.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            code, _ = exit_code_within(server.process.proc, 30)
+            for future in running:
+                future.result(timeout=60)
+        assert code == 0, server.process.stderr()[-3000:]
+        calls = [outcome for per_client in outcomes for outcome in per_client]
+        taken = {request_id: line_code for _, line_code, request_id in _access_lines(server)}
+        assert set(taken.values()) == {"OK"}, {rid: c for rid, c in taken.items() if c != "OK"}
+        answered = {request_id for _, c, request_id in calls if c == "OK"}
+        assert answered == set(taken), (answered ^ set(taken), {c for _, c, _ in calls})
+        refused = {c for _, c, request_id in calls if c != "OK"}
+        assert refused <= {"UNAVAILABLE", "CANCELLED"}, refused
+        assert any(c == "OK" and t > signalled + 0.5 for t, c, _ in calls), "nothing answered in the drain window"
+    finally:
+        for client in clients:
+            client.close()
+        _stop(server)
