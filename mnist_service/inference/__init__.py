@@ -1,1 +1,2 @@
-"""Inference: the network and its file format, integrity checks, preprocessing and the batching predictor."""
+"""Inference: the runtimes (TorchScript, ONNX Runtime) behind one protocol, integrity checks, preprocessing and the
+batching predictor. Only `torchscript_runtime` imports torch."""

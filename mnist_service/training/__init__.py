@@ -1,1 +1,1 @@
-"""Training: the MNIST files (IDX reader) and the trainer that exports a model file."""
+"""Training: the network, the trainer, and export to TorchScript and ONNX with their agreement check."""
