@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 IMAGE=${IMAGE:-mnist-service:local}
 TRAINER_IMAGE=${TRAINER_IMAGE:-mnist-trainer:${IMAGE##*:}}
-BASE_IMAGE=${BASE_IMAGE:-localhost/debian-python:3.11-bookworm}
+BASE_IMAGE=${BASE_IMAGE:-localhost/debian-python:3.11-bookworm-slim}
 PODMAN_RUNTIME=${PODMAN_RUNTIME-/usr/sbin/runc}
 READY_TIMEOUT=${READY_TIMEOUT:-120}
 PICKUP_TIMEOUT=${PICKUP_TIMEOUT:-60}
