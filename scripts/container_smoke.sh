@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
-# Build the serving image and the trainer image and prove they work the way a cluster runs them:
-# read-only root filesystem, non-root, all capabilities dropped. Checks readiness time, a real
-# digit prediction from the baked-in model repository, the HEALTHCHECK, a mounted repository
-# (MODEL_REPOSITORY), a version published into that mounted repository by the trainer image while
-# the server runs and served by every worker without a restart (the Kubernetes volume of
-# k8s/overlays/repository in miniature), a single mounted model file (MODEL_PATH), and a graceful
-# SIGTERM stop (exit 0, in-flight requests answered). Exits non-zero with a FAIL line on the first
-# broken step.
+# Build the serving image, the trainer image and the slim serving image (no torch: ONNX Runtime), and
+# prove they work the way a cluster runs them: read-only root filesystem, non-root, all capabilities
+# dropped. For the default image: readiness time, a real digit prediction from the baked-in model
+# repository, the HEALTHCHECK, a mounted repository (MODEL_REPOSITORY), a version published into that
+# mounted repository by the trainer image while the server runs and served by every worker without a
+# restart (the Kubernetes volume of k8s/overlays/repository in miniature), a single mounted model file
+# (MODEL_PATH), and a graceful SIGTERM stop (exit 0, in-flight requests answered). For the slim image:
+# `import torch` fails in it, then readiness time, the HEALTHCHECK, a real prediction by ONNX Runtime
+# from the baked-in repository and the same SIGTERM stop. Prints each image's size. Exits non-zero
+# with a FAIL line on the first broken step.
 #
 #   scripts/container_smoke.sh                   # IMAGE=mnist-service:local, TRAINER_IMAGE=mnist-trainer:local
 #   IMAGE=mnist-service:1.0.0 scripts/container_smoke.sh
 #
-# Knobs (env): IMAGE, TRAINER_IMAGE (default mnist-trainer:<IMAGE's tag>), BASE_IMAGE (default: a
-# Debian base built locally by container_base.sh; set python:3.11-slim-bookworm where a registry is
-# reachable), PIP_EXTRA_ARGS (default: this machine's pip find-links folder if it has one, else the
-# Dockerfile's PyTorch CPU index), PODMAN_RUNTIME (default /usr/sbin/runc; empty for podman's own),
-# SMOKE_PORT, READY_TIMEOUT, PICKUP_TIMEOUT (publish to served by every worker), TRAIN_ARGS (used
-# only when models/mnist/config.json is missing), PUBLISH_ARGS (the quick training run published
-# into the mounted repository).
+# Knobs (env): IMAGE, TRAINER_IMAGE (default mnist-trainer:<IMAGE's tag>), SLIM_IMAGE (default
+# <IMAGE>-slim), SLIM (1: build and check the slim image too, the default; 0: skip it), BASE_IMAGE
+# (default: a Debian base built locally by container_base.sh; set python:3.11-slim-bookworm where a
+# registry is reachable), PIP_EXTRA_ARGS (default: this machine's pip find-links folder if it has one,
+# else the Dockerfile's PyTorch CPU index), PODMAN_RUNTIME (default /usr/sbin/runc; empty for podman's
+# own), SMOKE_PORT, READY_TIMEOUT, PICKUP_TIMEOUT (publish to served by every worker), TRAIN_ARGS (used
+# only when models/mnist/config.json is missing), PUBLISH_ARGS (the quick training run published into
+# the mounted repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGE=${IMAGE:-mnist-service:local}
 TRAINER_IMAGE=${TRAINER_IMAGE:-mnist-trainer:${IMAGE##*:}}
+SLIM_IMAGE=${SLIM_IMAGE:-${IMAGE}-slim}
+SLIM=${SLIM:-1}
 BASE_IMAGE=${BASE_IMAGE:-localhost/debian-python:3.11-bookworm-slim}
 PODMAN_RUNTIME=${PODMAN_RUNTIME-/usr/sbin/runc}
 READY_TIMEOUT=${READY_TIMEOUT:-120}
@@ -45,7 +50,7 @@ fail() {
 cleanup() {
     jobs -p | xargs -r kill 2>/dev/null || true
     # One name per call: podman 4.3's `rm -f` skips every name in the list if one is missing.
-    for name in "$NAME" "$NAME-repo" "$NAME-train" "$NAME-file"; do
+    for name in "$NAME" "$NAME-repo" "$NAME-train" "$NAME-file" "$NAME-slim"; do
         podman "${RUNTIME_ARGS[@]}" rm -f -t 0 "$name" >/dev/null 2>&1 || true
     done
     rm -rf "$TMP"
@@ -71,6 +76,9 @@ pm() { podman "${RUNTIME_ARGS[@]}" "$@"; }
 command -v curl >/dev/null || fail "curl is needed"
 [[ -x "$PY" ]] || fail "$PY not found: create the venv first (make test or make run does)"
 
+# Numbered version folders in a repository's model folder, in order, space-separated.
+versions_on_disk() { find "$1" -mindepth 1 -maxdepth 1 -type d -regex '.*/[1-9][0-9]*' -printf '%f\n' | sort -n | xargs; }
+
 # --- base image and model repository --------------------------------------------------------
 if [[ "$BASE_IMAGE" == localhost/* ]] && ! pm image exists "$BASE_IMAGE"; then
     BASE_IMAGE="$BASE_IMAGE" PODMAN_RUNTIME="$PODMAN_RUNTIME" scripts/container_base.sh \
@@ -81,6 +89,22 @@ if [[ ! -f "$REPOSITORY/$MODEL_NAME/config.json" ]]; then
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
     "$PY" model_train.py --repository "$REPOSITORY" --model-name "$MODEL_NAME" ${TRAIN_ARGS:-} \
         || fail "training failed"
+fi
+if [[ "$SLIM" == 1 ]]; then
+    # The slim image serves with ONNX Runtime, so its default version needs model.onnx. A stable
+    # version published before ONNX export gets one: a new version with the same weights, promoted.
+    baked_stable=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["labels"].get("stable", ""))' \
+        "$REPOSITORY/$MODEL_NAME/config.json")
+    if [[ -n "$baked_stable" && ! -f "$REPOSITORY/$MODEL_NAME/$baked_stable/model.onnx" ]]; then
+        log "stable version $baked_stable of $REPOSITORY/$MODEL_NAME has no model.onnx (published before ONNX export):" \
+            "adding one (model_train.py --add-onnx) and promoting that version"
+        "$PY" model_train.py --add-onnx "$REPOSITORY/$MODEL_NAME/$baked_stable/model.pt" >"$TMP/add-onnx.log" 2>&1 \
+            || { tail -20 "$TMP/add-onnx.log" >&2; fail "model_train.py --add-onnx failed"; }
+        with_onnx=$(versions_on_disk "$REPOSITORY/$MODEL_NAME" | awk '{ print $NF }')
+        [[ -f "$REPOSITORY/$MODEL_NAME/$with_onnx/model.onnx" ]] || fail "--add-onnx published no model.onnx"
+        "$PY" model_repository.py --repository "$REPOSITORY" --model-name "$MODEL_NAME" promote "$with_onnx" \
+            || fail "could not promote version $with_onnx"
+    fi
 fi
 
 # --- build ----------------------------------------------------------------------------------
@@ -97,7 +121,7 @@ if [[ -z "${PIP_EXTRA_ARGS:-}" ]]; then
     fi
 fi
 [[ -n "${PIP_EXTRA_ARGS:-}" ]] && build_args+=(--build-arg "PIP_EXTRA_ARGS=$PIP_EXTRA_ARGS")
-log "building $IMAGE and $TRAINER_IMAGE (--target trainer) from $BASE_IMAGE"
+log "building $IMAGE, $TRAINER_IMAGE (--target trainer)$([[ "$SLIM" == 1 ]] && echo " and $SLIM_IMAGE (--target slim)") from $BASE_IMAGE"
 build_start=$(date +%s)
 # --format docker keeps HEALTHCHECK (the OCI image format has no field for it). The trainer build
 # reuses the serving build's cached venv and package layers.
@@ -106,10 +130,20 @@ pm build --format docker --network=host "${volumes[@]}" "${build_args[@]}" -t "$
 pm build --format docker --network=host "${volumes[@]}" "${build_args[@]}" --target trainer \
     -t "$TRAINER_IMAGE" . >"$TMP/build-trainer.log" 2>&1 \
     || { tail -40 "$TMP/build-trainer.log"; fail "podman build --target trainer failed"; }
+if [[ "$SLIM" == 1 ]]; then
+    pm build --format docker --network=host "${volumes[@]}" "${build_args[@]}" --target slim \
+        -t "$SLIM_IMAGE" . >"$TMP/build-slim.log" 2>&1 \
+        || { tail -40 "$TMP/build-slim.log"; fail "podman build --target slim failed"; }
+fi
 log "built in $(($(date +%s) - build_start)) s"
-size_mb=$(($(pm image inspect --format '{{.Size}}' "$IMAGE") / 1000000))
-trainer_mb=$(($(pm image inspect --format '{{.Size}}' "$TRAINER_IMAGE") / 1000000))
+size_mb=$((($(pm image inspect --format '{{.Size}}' "$IMAGE") + 500000) / 1000000))
+trainer_mb=$((($(pm image inspect --format '{{.Size}}' "$TRAINER_IMAGE") + 500000) / 1000000))
 log "sizes: $IMAGE ${size_mb} MB, $TRAINER_IMAGE ${trainer_mb} MB (sharing the venv and package layers)"
+if [[ "$SLIM" == 1 ]]; then
+    slim_mb=$((($(pm image inspect --format '{{.Size}}' "$SLIM_IMAGE") + 500000) / 1000000))
+    base_mb=$((($(pm image inspect --format '{{.Size}}' "$BASE_IMAGE") + 500000) / 1000000))
+    log "size: $SLIM_IMAGE ${slim_mb} MB (no torch; the base $BASE_IMAGE is ${base_mb} MB of it)"
+fi
 
 # --- the test digit: MNIST test image 0, black on white, enlarged and off-centre --------------
 "$PY" - "$TMP" <<'PYEOF' || fail "could not make the test images"
@@ -173,7 +207,8 @@ print(d["model_version"] if sys.argv[2] == "default" else " ".join(v["version"] 
 # prediction and that it logged serving SERVED; leaves `got` set to the predicted digit.
 serve_mounted() {
     local name=$1 port=$2 volume=$3 env=$4 served=$5 what=$6
-    pm run -d --name "$name" "${RUN_FLAGS[@]}" -e "PORT=$port" -v "$volume" -e "$env" "$IMAGE" >/dev/null \
+    pm run -d --name "$name" "${RUN_FLAGS[@]}" -e "PORT=$port" -e "GRPC_PORT=$(free_port)" -v "$volume" -e "$env" \
+        "$IMAGE" >/dev/null \
         || fail "podman run with a mounted $what failed"
     wait_ready "$name" "$port"
     got=$(predict "$port" "$TMP/digit.png")
@@ -181,34 +216,76 @@ serve_mounted() {
     [[ $(pm logs "$name" 2>&1) == *"from $served"* ]] || fail "the server didn't log serving the mounted $what $served"
 }
 
-# Numbered version folders in a repository's model folder, in order, space-separated.
-versions_on_disk() { find "$1" -mindepth 1 -maxdepth 1 -type d -regex '.*/[1-9][0-9]*' -printf '%f\n' | sort -n | xargs; }
-
-# How Kubernetes (and the README) run it: nothing writable but /tmp, no capabilities, not root.
+# How Kubernetes (and docs/deploy.md, "The container") run it: nothing writable but /tmp, no capabilities, not root.
 # --read-only-tmpfs=false: podman would otherwise add writable /run and /var/tmp, which Docker
-# and Kubernetes don't.
+# and Kubernetes don't. On the host network, so every container gets free ports for HTTP and gRPC
+# (GRPC_PORT's default 8001 may be taken on the host).
 RUN_FLAGS=(--network=host --read-only --read-only-tmpfs=false --tmpfs /tmp
     --cap-drop=ALL --security-opt=no-new-privileges)
 
+# Runs IMAGE as container NAME on PORT from its baked-in repository and checks it as a cluster would run
+# it: ready (sets `ready_s`, seconds from `podman run` to 200 on /readyz), uid 10001, the HEALTHCHECK,
+# a real prediction (sets `got`) and the log line naming the repository. Extra arguments go to podman run.
+serve_baked() {
+    local image=$1 name=$2 port=$3 run_start
+    shift 3
+    log "running $image read-only on 127.0.0.1:$port"
+    run_start=$(date +%s.%N)
+    pm run -d --name "$name" "${RUN_FLAGS[@]}" -e "PORT=$port" -e "GRPC_PORT=$(free_port)" "$@" "$image" >/dev/null \
+        || fail "podman run $image failed"
+    wait_ready "$name" "$port"
+    ready_s=$(awk -v a="$run_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    log "ready: 200 on /readyz ${ready_s} s after podman run"
+    uid=$(pm exec "$name" id -u)
+    [[ "$uid" == 10001 ]] || fail "$image runs as uid $uid, expected 10001"
+    pm healthcheck run "$name" >/dev/null || fail "the HEALTHCHECK of $image failed"
+    got=$(predict "$port" "$TMP/digit.png")
+    [[ "$got" == "$EXPECTED" ]] || fail "$image predicted $got for a $EXPECTED"
+    [[ $(pm logs "$name" 2>&1) == *"from /app/models/$MODEL_NAME"* ]] \
+        || fail "$image didn't log serving the baked-in repository /app/models/$MODEL_NAME"
+    log "uid $uid, HEALTHCHECK healthy, baked-in repository /app/models (versions $(model_field "$port" ready)," \
+        "default $(model_field "$port" default)), POST /predict of a drawn $EXPECTED -> $got"
+}
+
+# SIGTERM to container NAME (serving on PORT) with a request in flight: /readyz turns 503 while new
+# requests are still answered, the in-flight one gets its answer, exit code 0. Sets `stop_s`.
+# A 400 kB upload at 45 kB/s takes ~9 s: it is in flight when SIGTERM arrives (t=1 s), through
+# the 5 s drain, and while the listener closes (t=6 s); it must still get its answer.
+drain_on_sigterm() {
+    local name=$1 port=$2 inflight_pid stop_pid stop_start ready_code code exit_code when
+    curl -sS -o "$TMP/inflight.json" -w '%{http_code}' --limit-rate 45k \
+        -F "file=@$TMP/digit_big.png" "http://127.0.0.1:$port/predict" >"$TMP/inflight.code" 2>"$TMP/inflight.err" &
+    inflight_pid=$!
+    sleep 1
+    stop_start=$(date +%s.%N)
+    pm stop -t "$STOP_TIMEOUT" "$name" >/dev/null 2>"$TMP/stop.err" &
+    stop_pid=$!
+    sleep 1
+    ready_code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/readyz" || true)
+    [[ "$ready_code" == 503 ]] || fail "$name: /readyz answered $ready_code during the drain, expected 503"
+    got=$(predict "$port" "$TMP/digit.png")
+    [[ "$got" == "$EXPECTED" ]] || fail "$name during the drain: predicted $got for a $EXPECTED"
+    log "after SIGTERM: /readyz 503, new requests still served (predicted $got)"
+    wait "$inflight_pid" || true
+    code=$(cat "$TMP/inflight.code")
+    [[ "$code" == 200 ]] || { cat "$TMP/inflight.err" >&2; fail "$name: the in-flight request got HTTP $code"; }
+    got=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["prediction"])' "$TMP/inflight.json")
+    [[ "$got" == "$EXPECTED" ]] || fail "$name in-flight request: predicted $got for a $EXPECTED"
+    wait "$stop_pid" || { cat "$TMP/stop.err" >&2; fail "podman stop $name failed"; }
+    stop_s=$(awk -v a="$stop_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    exit_code=$(pm inspect --format '{{.State.ExitCode}}' "$name")
+    [[ "$exit_code" == 0 ]] \
+        || { pm logs "$name" 2>&1 | tail -20 >&2; fail "$name: exit code $exit_code after SIGTERM (137 = killed)"; }
+    # Where the in-flight answer falls in the server's log: after "closing listeners" is the harder case.
+    when=$(pm logs "$name" 2>&1 | awk '/closing listeners/ { closed = 1 } /path=\/predict status=200/ { last = closed }
+        END { print (last ? "after the listener closed" : "during the drain") }')
+    log "in-flight request answered 200 ($got) $when; stopped on SIGTERM in ${stop_s} s, exit code 0"
+}
+
 # --- run the baked-in model repository ------------------------------------------------------
 PORT=${SMOKE_PORT:-$(free_port)}
-log "running $IMAGE read-only on 127.0.0.1:$PORT"
-run_start=$(date +%s.%N)
-pm run -d --name "$NAME" "${RUN_FLAGS[@]}" -e "PORT=$PORT" "$IMAGE" >/dev/null || fail "podman run failed"
-wait_ready "$NAME" "$PORT"
-ready_s=$(awk -v a="$run_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-log "ready: 200 on /readyz ${ready_s} s after podman run"
-
-uid=$(pm exec "$NAME" id -u)
-[[ "$uid" == 10001 ]] || fail "the service runs as uid $uid, expected 10001"
-pm healthcheck run "$NAME" >/dev/null || fail "the image's HEALTHCHECK failed"
-got=$(predict "$PORT" "$TMP/digit.png")
-[[ "$got" == "$EXPECTED" ]] || fail "predicted $got for a $EXPECTED"
-[[ $(pm logs "$NAME" 2>&1) == *"from /app/models/$MODEL_NAME"* ]] \
-    || fail "the server didn't log serving the baked-in repository /app/models/$MODEL_NAME"
-baked_default=$(model_field "$PORT" default)
-log "uid $uid, HEALTHCHECK healthy, baked-in repository /app/models (versions $(model_field "$PORT" ready)," \
-    "default $baked_default), POST /predict of a drawn $EXPECTED -> $got"
+serve_baked "$IMAGE" "$NAME" "$PORT"
+ready_s_default=$ready_s
 
 # --- a mounted repository, and a version published into it while the server runs --------------
 # A copy of the host's repository, so the published version lands in $TMP. World-writable because
@@ -275,33 +352,26 @@ pm rm -f -t 0 "$NAME-file" >/dev/null
 log "mounted model file (-v file:/models:ro, MODEL_PATH=/models/mnist_cnn.pt): predicted $got"
 
 # --- graceful stop: SIGTERM with a request in flight ------------------------------------------
-# A 400 kB upload at 45 kB/s takes ~9 s: it is in flight when SIGTERM arrives (t=1 s), through
-# the 5 s drain, and while the listener closes (t=6 s); it must still get its answer.
-curl -sS -o "$TMP/inflight.json" -w '%{http_code}' --limit-rate 45k \
-    -F "file=@$TMP/digit_big.png" "http://127.0.0.1:$PORT/predict" >"$TMP/inflight.code" 2>"$TMP/inflight.err" &
-inflight_pid=$!
-sleep 1
-stop_start=$(date +%s.%N)
-pm stop -t "$STOP_TIMEOUT" "$NAME" >/dev/null 2>"$TMP/stop.err" &
-stop_pid=$!
-sleep 1
-ready_code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/readyz" || true)
-[[ "$ready_code" == 503 ]] || fail "/readyz answered $ready_code during the drain, expected 503"
-got=$(predict "$PORT" "$TMP/digit.png")
-[[ "$got" == "$EXPECTED" ]] || fail "during the drain: predicted $got for a $EXPECTED"
-log "after SIGTERM: /readyz 503, new requests still served (predicted $got)"
-wait "$inflight_pid" || true
-code=$(cat "$TMP/inflight.code")
-[[ "$code" == 200 ]] || { cat "$TMP/inflight.err" >&2; fail "the in-flight request got HTTP $code"; }
-got=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["prediction"])' "$TMP/inflight.json")
-[[ "$got" == "$EXPECTED" ]] || fail "in-flight request: predicted $got for a $EXPECTED"
-wait "$stop_pid" || { cat "$TMP/stop.err" >&2; fail "podman stop failed"; }
-stop_s=$(awk -v a="$stop_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-exit_code=$(pm inspect --format '{{.State.ExitCode}}' "$NAME")
-[[ "$exit_code" == 0 ]] || { pm logs "$NAME" 2>&1 | tail -20 >&2; fail "exit code $exit_code after SIGTERM (137 = killed)"; }
-# Where the in-flight answer falls in the server's log: after "closing listeners" is the harder case.
-when=$(pm logs "$NAME" 2>&1 | awk '/closing listeners/ { closed = 1 } /path=\/predict status=200/ { last = closed }
-    END { print (last ? "after the listener closed" : "during the drain") }')
-log "in-flight request answered 200 ($got) $when; stopped on SIGTERM in ${stop_s} s, exit code 0"
+drain_on_sigterm "$NAME" "$PORT"
+stop_s_default=$stop_s
+summary="image=$IMAGE size=${size_mb}MB trainer=${trainer_mb}MB ready=${ready_s_default}s pickup=${pickup_s}s"
+summary+=" stop=${stop_s_default}s exit=0"
 
-echo "[smoke] PASS image=$IMAGE size=${size_mb}MB trainer=${trainer_mb}MB ready=${ready_s}s pickup=${pickup_s}s stop=${stop_s}s exit=0"
+# --- the slim image: the same checks without torch ----------------------------------------------
+if [[ "$SLIM" == 1 ]]; then
+    # Proves what the build's own check says, in the image as shipped: no torch to import.
+    torch_error=$(pm run --rm "${RUN_FLAGS[@]}" "$SLIM_IMAGE" python -c 'import torch' 2>&1) \
+        && fail "$SLIM_IMAGE can import torch"
+    [[ "$torch_error" == *"No module named 'torch'"* ]] || fail "import torch in $SLIM_IMAGE failed oddly: $torch_error"
+    PORT_SLIM=$(free_port)
+    serve_baked "$SLIM_IMAGE" "$NAME-slim" "$PORT_SLIM"
+    slim_ready_s=$ready_s
+    runtime=$(curl -fsS "http://127.0.0.1:$PORT_SLIM/model" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["runtime"])') \
+        || fail "GET /model of $SLIM_IMAGE failed"
+    [[ "$runtime" == onnxruntime ]] || fail "$SLIM_IMAGE serves with $runtime, expected onnxruntime"
+    log "$SLIM_IMAGE: import torch fails (ModuleNotFoundError), /model says runtime=$runtime"
+    drain_on_sigterm "$NAME-slim" "$PORT_SLIM"
+    summary+=" slim=${slim_mb}MB slim_ready=${slim_ready_s}s slim_stop=${stop_s}s"
+fi
+
+echo "[smoke] PASS $summary"
