@@ -28,7 +28,7 @@ TOOLS_BIN = ROOT / ".venv-tools" / "bin"
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 APP = "mnist-service"
 # Each overlay in k8s/overlays has a fixture of the same name; test_every_overlay_is_tested keeps them in step.
-OVERLAYS = ("local", "ingress", "repository", "grpc", "capture")
+OVERLAYS = ("local", "ingress", "repository", "grpc", "capture", "slim")
 # The ingress overlay's placeholders, which the user replaces (k8s/overlays/ingress/ingress.yaml).
 INGRESS_HOST = "mnist.example.com"
 INGRESS_TLS_SECRET = "mnist-service-tls"
@@ -89,6 +89,11 @@ def capture() -> list[dict[str, Any]]:
     return _render(K8S / "overlays" / "capture")
 
 
+@pytest.fixture(scope="module")
+def slim() -> list[dict[str, Any]]:
+    return _render(K8S / "overlays" / "slim")
+
+
 def _one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     found = [o for o in objects if o["kind"] == kind]
     assert len(found) == 1, f"expected one {kind}, got {len(found)}"
@@ -120,6 +125,18 @@ def _makefile_trainer_image() -> str:
     )
     assert match, "Makefile has no `TRAINER_IMAGE ?= name:$(lastword $(subst :, ,$(IMAGE)))` line"
     return f"{match.group(1)}:{_makefile_image().rsplit(':', 1)[1]}"
+
+
+def _makefile_slim_image() -> str:
+    """SLIM_IMAGE as make expands it: IMAGE with -slim after its tag."""
+    assert re.search(r"^SLIM_IMAGE \?= \$\(IMAGE\)-slim$", (ROOT / "Makefile").read_text(), re.MULTILINE), (
+        "Makefile has no `SLIM_IMAGE ?= $(IMAGE)-slim` line"
+    )
+    return f"{_makefile_image()}-slim"
+
+
+def _mebibytes(quantity: str) -> int:
+    return int(quantity[:-2]) * {"Mi": 1, "Gi": 1024}[quantity[-2:]]
 
 
 def _config(objects: list[dict[str, Any]]) -> dict[str, str]:
@@ -400,6 +417,61 @@ def test_capture_overlay_takes_the_database_from_a_secret_and_the_base_captures_
     assert ports == {(5432, "TCP"), (53, "UDP"), (53, "TCP")}
     assert all("to" not in rule or rule["to"] for rule in egress)
     assert [o["kind"] for o in capture] == [o["kind"] for o in base]
+
+
+# --- the slim overlay --------------------------------------------------------------------------
+
+# Measured with benchmarks/images.py (docs/deploy.md#the-slim-image): VmRSS of a slim worker after 200
+# predictions, and of the supervisor (with spawn's resource tracker), in MiB, rounded up.
+SLIM_WORKER_RSS_MIB = 130
+SLIM_SUPERVISOR_RSS_MIB = 65
+
+
+def test_slim_overlay_runs_the_slim_image_with_onnx_runtime(
+    base: list[dict[str, Any]], slim: list[dict[str, Any]]
+) -> None:
+    container = _container(_one(slim, "Deployment"))
+    assert container["image"] == _makefile_slim_image()
+    assert container["imagePullPolicy"] == "Always"
+    assert _settings(slim).runtime == "onnxruntime"
+    # The ConfigMap keeps its generated name with a new hash suffix and differs from the base's only in RUNTIME.
+    overlay_map, base_map = _one(slim, "ConfigMap"), _one(base, "ConfigMap")
+    assert overlay_map["metadata"]["name"] != base_map["metadata"]["name"]
+    assert {k: v for k, v in overlay_map["data"].items() if base_map["data"].get(k) != v} == {"RUNTIME": "onnxruntime"}
+    assert set(overlay_map["data"]) - set(base_map["data"]) == {"RUNTIME"}
+
+
+def test_slim_overlay_requests_less_memory_but_what_it_measured(
+    base: list[dict[str, Any]], slim: list[dict[str, Any]]
+) -> None:
+    resources = _container(_one(slim, "Deployment"))["resources"]
+    base_resources = _container(_one(base, "Deployment"))["resources"]
+    request, limit = _mebibytes(resources["requests"]["memory"]), _mebibytes(resources["limits"]["memory"])
+    steady = _settings(slim).workers * SLIM_WORKER_RSS_MIB + SLIM_SUPERVISOR_RSS_MIB
+    assert steady < request < _mebibytes(base_resources["requests"]["memory"])
+    # The same room over the steady state as the base leaves for queued requests, uploads and version swaps.
+    base_room = _mebibytes(base_resources["limits"]["memory"]) - _mebibytes(base_resources["requests"]["memory"])
+    assert limit - request >= base_room
+    # CPU is the base's: the HPA's target is relative to it.
+    assert resources["requests"]["cpu"] == base_resources["requests"]["cpu"]
+    assert resources["limits"]["cpu"] == base_resources["limits"]["cpu"]
+
+
+def test_slim_overlay_changes_nothing_else(base: list[dict[str, Any]], slim: list[dict[str, Any]]) -> None:
+    def key(o: dict[str, Any]) -> tuple[str, str]:
+        return o["kind"], o["metadata"]["name"]
+
+    changed = {"ConfigMap", "Deployment"}
+    assert sorted((o for o in slim if o["kind"] not in changed), key=key) == sorted(
+        (o for o in base if o["kind"] not in changed), key=key
+    )
+    # The Deployment with the base's image, memory and ConfigMap name is the base's: probes, drain and security.
+    deployment = json.loads(json.dumps(_one(slim, "Deployment")))
+    container, base_container = _container(deployment), _container(_one(base, "Deployment"))
+    container["image"] = base_container["image"]
+    container["resources"] = base_container["resources"]
+    container["envFrom"] = base_container["envFrom"]
+    assert deployment == _one(base, "Deployment")
 
 
 # --- the local overlay -------------------------------------------------------------------------
