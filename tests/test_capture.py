@@ -141,6 +141,25 @@ def test_a_capture_reads_back_as_written(database_url: str) -> None:
     assert store.find("req-1")[0].version == "2" and store.count() == 3
 
 
+def test_a_batch_goes_in_whole_with_any_request_id(database_url: str) -> None:
+    # One statement writes a batch: ids with quotes, backslashes and non-ASCII, times to the microsecond,
+    # labels, and more rows than a writer's batch.
+    store = CaptureStore(database_url)
+    ids = ['q"uote', "back\\slash", "ünï-☃", "semi;colon", "", *(f"n{i}" for i in range(3000))]
+    digits, probs = _digits(len(ids)), _probs(len(ids))
+    times = 1700000000.0 + np.random.default_rng(1).random(len(ids)) * 1e6
+    store.insert([as_row(r, 0, float(t), "/predict", "3", d, p, i % 10 if i % 3 == 0 else None)
+                  for i, (r, t, d, p) in enumerate(zip(ids, times, digits, probs, strict=True))])
+    assert store.count() == len(ids)
+    for i in (0, 1, 2, 3, 4, len(ids) - 1):
+        (found,) = store.find(ids[i])
+        assert found.captured_at == pytest.approx(float(times[i]), abs=1e-6)
+        np.testing.assert_array_equal(found.image, digits[i])
+        np.testing.assert_array_equal(found.probabilities, probs[i])
+        assert found.label == (i % 10 if i % 3 == 0 else None) and found.prediction == int(probs[i].argmax())
+    assert sum(store.label_counts().values()) == len(range(0, len(ids), 3))
+
+
 def test_float_digits_are_stored_as_the_uint8_image() -> None:
     digit = np.full((28, 28), 127.6, dtype=np.float32)
     digit[0, 0], digit[0, 1] = -3.0, 300.0
@@ -254,6 +273,75 @@ def test_the_recorder_writes_batches_and_counts_labels(database_url: str) -> Non
         assert _samples(metrics, "mnist_labelled_captures")["label=6"] == 1
         assert _samples(metrics, "mnist_labelled_captures")["label=0"] == 0
         assert set(_samples(metrics, "mnist_capture_dropped_total").values()) == {0.0}
+
+
+def test_the_recorder_takes_each_answer_from_its_future(tmp_path: Path) -> None:
+    # The event loop only appends the future; the writer reads the answer once it is there, stores
+    # nothing for a failed or cancelled request, and a slow answer holds back no other capture.
+    import asyncio
+
+    url = str(tmp_path / "c.sqlite3")
+
+    async def scenario(recorder: Recorder) -> None:
+        loop = asyncio.get_running_loop()
+        inline, slow, failed, cancelled, later = (loop.create_future() for _ in range(5))
+        inline.set_result(_probs(1, seed=1))  # answered before it was watched, as an inline forward pass is
+        for name, future in (("inline", inline), ("slow", slow), ("failed", failed), ("cancelled", cancelled),
+                             ("later", later)):
+            recorder.watch(future, name, "/predict", "1", _digits(1))
+        failed.set_exception(RuntimeError("forward pass failed"))
+        cancelled.cancel()
+        later.set_result(_probs(1, seed=2))
+        store = CaptureStore(url)
+        while not store.find("later"):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a few more writer passes
+        assert store.find("slow") == [] and store.find("failed") == [] and store.find("cancelled") == []
+        slow.set_result(_probs(1, seed=3))
+        while not store.find("slow"):
+            await asyncio.sleep(0.05)
+        np.testing.assert_array_equal(store.find("slow")[0].probabilities, _probs(1, seed=3)[0])
+        np.testing.assert_array_equal(store.find("inline")[0].probabilities, _probs(1, seed=1)[0])
+        assert store.count() == 3
+
+    with _recorder(url) as (recorder, _):
+        asyncio.run(asyncio.wait_for(scenario(recorder), 30))
+
+
+def test_captures_waiting_for_their_answer_count_against_the_buffer(tmp_path: Path) -> None:
+    import asyncio
+
+    url = str(tmp_path / "c.sqlite3")
+
+    async def scenario(recorder: Recorder, metrics: Metrics) -> None:
+        loop = asyncio.get_running_loop()
+        first, second, third = (loop.create_future() for _ in range(3))
+        recorder.watch(first, "first", "/predict", "1", _digits(1))
+        recorder.watch(second, "second", "/predict", "1", _digits(1))
+        await asyncio.sleep(0.3)  # the writer has taken both and holds them, unanswered
+        recorder.watch(third, "third", "/predict", "1", _digits(1))
+        assert _samples(metrics, "mnist_capture_dropped_total")["reason=buffer_full"] == 1
+        first.set_result(_probs(1))
+        second.set_result(_probs(1))
+        store = CaptureStore(url)
+        while store.count() < 2:
+            await asyncio.sleep(0.05)
+        assert store.find("third") == []
+
+    with _recorder(url, capacity=2) as (recorder, metrics):
+        asyncio.run(asyncio.wait_for(scenario(recorder, metrics), 30))
+
+
+def test_new_request_ids_sort_in_time_order() -> None:
+    # Server-made ids start with the time, so the capture table's index of ids grows at its end.
+    from mnist_service.serving.middleware import request_id_for
+
+    first = request_id_for(None)
+    time.sleep(0.002)
+    second = request_id_for(None)
+    assert len(first) == len(second) == 32 and int(first, 16) < int(second, 16)
+    assert abs(int(first[:12], 16) / 1000 - time.time()) < 5
+    assert request_id_for("client-chosen-1") == "client-chosen-1"
 
 
 def test_retention_runs_while_captures_keep_coming(tmp_path: Path) -> None:

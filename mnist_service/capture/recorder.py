@@ -1,8 +1,23 @@
-"""Capture on the serving side: sampled predictions go to a bounded buffer on the event loop (one
-append), and one writer thread per worker moves them to the capture database in batches, enforces
-retention and refreshes the labelled-capture counts. Requests never wait for the database: when it
-is slow, full or down, the buffer fills, what does not fit is dropped and counted
-(mnist_capture_dropped_total), and writing resumes by itself once the database is back.
+"""Capture on the serving side: sampled predictions go to a bounded buffer on the event loop, and one
+writer thread per worker moves them to the capture database in batches, enforces retention and
+refreshes the labelled-capture counts. Requests never wait for the database: when it is slow, full
+or down, the buffer fills, what does not fit is dropped and counted (mnist_capture_dropped_total),
+and writing resumes by itself once the database is back.
+
+What a captured request costs its worker, and why it is done this way (measured in
+docs/ground-truth.md#what-it-costs):
+- On the event loop, one append of references (the request's id, route, version, its digits and the
+  future of its answer) under a lock held for a few instructions: no callback per request, no copy.
+  The writer reads the answers from the futures once they are done (a future goes from pending to
+  done once, on the loop's thread, and reading a finished one is a read under the GIL); one not yet
+  answered waits for the next pass, a failed or cancelled one is not stored.
+- The writer thread shares the worker's GIL with the event loop, so it does little Python per image
+  (one concatenation and argmax per batch, one tuple per image) and hands the database one statement
+  per batch (store.py), which runs with the GIL released. Its old executemany took the GIL back for
+  every row, and each of those handoffs made the event loop wait.
+- A separate writer process would free the GIL entirely but send every image through a pipe and add
+  a process per worker to supervise; with the GIL held for one short stretch per batch, the measured
+  cost did not call for it.
 
 The feedback routes use the same object for their few synchronous operations (find, label, erase,
 store a labelled example), on a connection of their own, in a thread.
@@ -21,7 +36,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from mnist_service.capture.store import CaptureStore, CaptureUnavailable, Entry, Row, as_rows
+from mnist_service.capture.store import Batch, CaptureStore, CaptureUnavailable, Entry, as_rows
 from mnist_service.metrics import Metrics
 from mnist_service.settings import Settings
 
@@ -33,7 +48,8 @@ T = TypeVar("T")
 # failed while the buffer filled (database_error), or the worker stopped with it still failing (shutdown).
 DROP_REASONS = ("buffer_full", "database_error", "shutdown")
 CLASSES = 10
-
+# What the event loop buffers: an Entry whose probabilities may still be the future of the answer.
+Waiting = tuple[str, str, str, np.ndarray, "np.ndarray | asyncio.Future[np.ndarray]", float]
 
 
 class Recorder:
@@ -64,9 +80,11 @@ class Recorder:
         # The writer is woken before its interval once this many images wait: a batch, or half the buffer.
         self._wake_at = max(1, min(batch, capacity // 2))
         self.failing: str | None = None  # the database's last error while writes fail
-        self._buffer: deque[Entry] = deque()
-        self._buffered = 0  # images in _buffer
-        self._lock = threading.Lock()  # _buffer and _buffered, shared by the event loop and the writer
+        self._buffer: deque[Waiting] = deque()
+        self._queued = 0  # images in _buffer
+        self._lock = threading.Lock()  # _buffer and _queued, shared by the event loop and the writer
+        self._unanswered: list[Waiting] = []  # taken by the writer before their answer came; the writer's own
+        self._held = 0  # images in _unanswered: with _queued, what capacity bounds
         self._request_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -80,21 +98,12 @@ class Recorder:
 
     def watch(self, future: asyncio.Future[np.ndarray], request_id: str, route: str, version: str,
               digits: np.ndarray) -> None:
-        """Capture a request's digits and answer once its future has them, if the request is sampled."""
+        """Capture a request's digits and its answer (once the future has it), if the request is sampled."""
         if self.sample < 1 and random.random() >= self.sample:  # noqa: S311  # nosec B311  # sampling, not security
             return
         if version not in self._versions:
             self.expect_feedback(version)
-        at = time.time()
-
-        def keep(done: asyncio.Future[np.ndarray]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                self.add((request_id, route, version, digits, done.result(), at))
-
-        if future.done():  # answered inline
-            keep(future)
-        else:
-            future.add_done_callback(keep)
+        self.add((request_id, route, version, digits, future, time.time()))
 
     def expect_feedback(self, version: str) -> None:
         """Create a version's feedback series at 0, before its first label: increase() then counts that label."""
@@ -102,18 +111,18 @@ class Recorder:
         for outcome in ("correct", "wrong"):
             self.metrics.feedback.labels(version, outcome)
 
-    def add(self, entry: Entry) -> None:
+    def add(self, entry: Waiting) -> None:
         """Queue one request's capture for the writer; dropped and counted when the buffer is full."""
-        images, full_batch = len(entry[3]), False
+        images = len(entry[3])
         with self._lock:
-            if self._buffered + images <= self.capacity:
+            if self._queued + self._held + images <= self.capacity:
                 self._buffer.append(entry)
-                self._buffered += images
-                full_batch = self._buffered >= self._wake_at
+                self._queued += images
                 images = 0
+            full_batch = self._queued >= self._wake_at
         if images:
             self._drop("database_error" if self.failing else "buffer_full", images)
-        elif full_batch:
+        elif full_batch and not self._wake.is_set():
             self._wake.set()
 
     def _drop(self, reason: str, images: int) -> None:
@@ -138,35 +147,50 @@ class Recorder:
         if self._thread is not None:
             self._thread.join(timeout_s)
         with self._lock:
-            left, self._buffered = self._buffered, 0
+            left, self._queued, self._held = self._queued + self._held, 0, 0
             self._buffer.clear()
+            self._unanswered = []
         if left:
             self.metrics.capture_dropped.labels("shutdown").inc(left)
             logger.warning("capture: %d images not written to %s at shutdown", left, self.where)
         self.writer_store.close()
         self.request_store.close()
 
-    def _take(self) -> list[Row]:
-        entries: list[Entry] = []
+    def _take(self) -> Batch | None:
+        """Up to a batch of answered captures, in order, or None; those still waiting for their answer
+        are looked at again next pass, and failed or cancelled requests are let go."""
+        taken: list[Waiting] = []
         images = 0
         with self._lock:
             while self._buffer and images < self.batch:
-                entries.append(self._buffer.popleft())
-                images += len(entries[-1][3])
-            self._buffered -= images
-        return as_rows(entries) if entries else []
+                taken.append(self._buffer.popleft())
+                images += len(taken[-1][3])
+            self._queued -= images
+        answered: list[Entry] = []
+        unanswered: list[Waiting] = []
+        for entry in self._unanswered + taken:
+            answer = entry[4]
+            if isinstance(answer, np.ndarray):
+                answered.append(entry)  # type: ignore[arg-type]  # the answer itself (a test's)
+            elif not answer.done():
+                unanswered.append(entry)
+            elif not answer.cancelled() and answer.exception() is None:
+                answered.append((*entry[:4], answer.result(), entry[5]))
+        self._unanswered = unanswered
+        self._held = sum(len(entry[3]) for entry in unanswered)
+        return as_rows(answered) if answered else None
 
     def _run(self) -> None:
-        pending: list[Row] = []
+        pending: Batch | None = None
         next_retention = 0.0
         while True:
             stopping = self._stopping.is_set()
             pending = pending or self._take()
             try:
-                if pending:
+                if pending is not None:
                     self.writer_store.insert(pending)
-                    self.metrics.captures.inc(len(pending))
-                    pending = []
+                    self.metrics.captures.inc(len(pending.fields))
+                    pending = None
                     self._recovered()
                 if time.monotonic() >= next_retention:
                     self._retention()
@@ -175,16 +199,16 @@ class Recorder:
             except CaptureUnavailable as exc:
                 self._failed(str(exc))
                 if stopping:
-                    self.metrics.capture_dropped.labels("shutdown").inc(len(pending))
+                    self.metrics.capture_dropped.labels("shutdown").inc(len(pending.fields) if pending else 0)
                     return
                 self._stopping.wait(self.retry_s)
                 continue
             except Exception:  # a bug must not end capture for the life of the worker
-                logger.exception("capture: writing a batch failed; %d images dropped", len(pending))
-                self.metrics.capture_dropped.labels("database_error").inc(len(pending))
-                pending = []
-            with self._lock:
-                more = self._buffered
+                images = len(pending.fields) if pending else 0
+                logger.exception("capture: writing a batch failed; %d images dropped", images)
+                self.metrics.capture_dropped.labels("database_error").inc(images)
+                pending = None
+            more = self._queued
             if stopping and not more:
                 return
             if more < self._wake_at and not stopping:

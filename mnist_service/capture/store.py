@@ -8,11 +8,19 @@ every method blocks, so the server calls them from a thread, never on its event 
 One row per image: the request id and the image's place in the request (`item`), when, the route,
 the version that answered, its prediction and probabilities (10 little-endian float32), the 28x28
 uint8 image the model saw (784 bytes, never the upload), and the label once someone gives one.
+
+Rows go in a batch at a time as one statement, `INSERT ... SELECT` over a JSON array of the small
+fields and two byte strings (every row's probabilities, every row's image) cut by row number in SQL.
+The serving workers' writer threads share their process's GIL with the event loop: executemany
+binds each row in Python and hands the GIL back and forth around every row's step (two handoffs per
+image, each a wait for the event loop), while one statement runs its whole batch with the GIL
+released. Measured in docs/ground-truth.md#what-it-costs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sqlite3
@@ -29,15 +37,43 @@ import numpy as np
 Row = tuple[str, int, float, str, str, int, bytes, bytes, int | None, float | None]
 # One request's capture: request_id, route, version, digits (n, 28, 28), probabilities (n, 10), unix time.
 Entry = tuple[str, str, str, np.ndarray, np.ndarray, float]
+# A row's small fields: request_id, item, captured_at, route, version, prediction, label, labelled_at.
+Fields = tuple[str, int, float, str, str, int, int | None, float | None]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows on their way in, column-wise: the small fields per row, and every row's probabilities
+    (10 little-endian float32 each) and image (784 bytes each) end to end."""
+
+    fields: list[Fields]
+    probabilities: bytes
+    images: bytes
+
+    @classmethod
+    def of(cls, rows: Sequence[Row]) -> Batch:
+        return cls([(r[0], r[1], r[2], r[3], r[4], r[5], r[8], r[9]) for r in rows],
+                   b"".join(r[6] for r in rows), b"".join(r[7] for r in rows))
 
 BUSY_TIMEOUT_S = 5.0  # SQLite: how long a writer waits for another process's write lock
 CONNECT_TIMEOUT_S = 3  # PostgreSQL: a database that is down fails fast, and capture retries later
 RETENTION_CHUNK = 5000  # rows deleted per transaction, so retention never holds the write lock long
 
 _SELECT = "SELECT request_id, item, captured_at, route, version, prediction, probabilities, image, label FROM captures"
-_INSERT = (
-    "INSERT INTO captures (request_id, item, captured_at, route, version, prediction, probabilities, image, label, "
-    "labelled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id, item) DO NOTHING"
+# Row k of a Batch: fields[k] from the JSON array, bytes 40k.. of the probabilities and 784k.. of the images.
+_INSERT_SQLITE = (
+    "INSERT INTO captures (request_id, item, captured_at, route, version, prediction, label, labelled_at, "
+    "probabilities, image) "
+    "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, "
+    "value->>6, value->>7, substr(?, 40 * key + 1, 40), substr(?, 784 * key + 1, 784) FROM json_each(?) "
+    "WHERE true ON CONFLICT (request_id, item) DO NOTHING"  # WHERE: SQLite's parser needs it before ON CONFLICT
+)
+_INSERT_POSTGRES = (
+    "INSERT INTO captures (request_id, item, captured_at, route, version, prediction, label, labelled_at, "
+    "probabilities, image) "
+    "SELECT f->>0, (f->>1)::int, (f->>2)::float8, f->>3, f->>4, (f->>5)::int, "
+    "(f->>6)::int, (f->>7)::float8, substr(?::bytea, (40 * n - 39)::int, 40), substr(?::bytea, (784 * n - 783)::int, "
+    "784) FROM jsonb_array_elements(?::jsonb) WITH ORDINALITY AS t(f, n) ON CONFLICT (request_id, item) DO NOTHING"
 )
 
 
@@ -171,13 +207,15 @@ class CaptureStore:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def insert(self, rows: Sequence[Row]) -> None:
-        """Add captures; an id already stored (a client that reuses X-Request-ID) keeps its first row."""
+    def insert(self, rows: Batch | Sequence[Row]) -> None:
+        """Add captures in one statement; an id stored already (a client reusing X-Request-ID) keeps its first row."""
+        batch = rows if isinstance(rows, Batch) else Batch.of(rows)
+        if not batch.fields:
+            return
+        fields = json.dumps(batch.fields, ensure_ascii=False, allow_nan=False)
         with self.transaction() as cur:
-            cur.executemany(
-                _INSERT,
-                rows,
-            )
+            cur.execute(_INSERT_SQLITE if self.path is not None else _INSERT_POSTGRES,
+                        (batch.probabilities, batch.images, fields))
 
     def label(self, request_id: str, item: int, label: int) -> Captured | None:
         """Set the label of one captured image: the capture as it was before (its old label), or None if unknown."""
@@ -272,9 +310,6 @@ class _Cursor:
         self._cur.execute(self._sql(sql), params)
         return self._cur.rowcount
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        self._cur.executemany(self._sql(sql), rows)
-
     def fetchall(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         self._cur.execute(self._sql(sql), params)
         return list(self._cur.fetchall())
@@ -295,21 +330,17 @@ def _pixels(digits: np.ndarray) -> np.ndarray:
     return digits if digits.dtype == np.uint8 else np.clip(np.rint(digits), 0, 255).astype(np.uint8)
 
 
-def as_rows(entries: Sequence[Entry]) -> list[Row]:
-    """Requests' captures as rows, one per image, converted a batch at a time: the writer thread holds
-    the GIL, which the event loop needs, for as little Python work per image as can be."""
+def as_rows(entries: Sequence[Entry]) -> Batch:
+    """Requests' captures as one Batch, converted a batch at a time (one concatenation, one argmax):
+    the writer thread holds the GIL, which the event loop needs, for as little work per image as can be."""
     images = _pixels(np.concatenate([entry[3] for entry in entries])).tobytes()
     probs = np.ascontiguousarray(np.concatenate([entry[4] for entry in entries]), dtype="<f4")
     predictions = probs.argmax(1).tolist()
-    probabilities = probs.tobytes()
-    rows: list[Row] = []
-    k = 0
+    fields: list[Fields] = []
     for request_id, route, version, digits, _, at in entries:
         for item in range(len(digits)):
-            rows.append((request_id, item, at, route, version, predictions[k], probabilities[40 * k: 40 * k + 40],
-                         images[784 * k: 784 * k + 784], None, None))
-            k += 1
-    return rows
+            fields.append((request_id, item, at, route, version, predictions[len(fields)], None, None))
+    return Batch(fields, probs.tobytes(), images)
 
 
 def as_row(request_id: str, item: int, at: float, route: str, version: str, digit: np.ndarray,

@@ -31,14 +31,19 @@ MIN_LOGGED_STATUS = {"all": 0, "errors": 400, "off": 1000}  # ACCESS_LOG -> the 
 
 
 def request_id_for(incoming: str | None) -> str:
-    """A sane X-Request-ID echoed, or a new id: 128 random bits as 32 hex digits.
+    """A sane X-Request-ID echoed, or a new id: 32 hex digits, the time in milliseconds (48 bits) then
+    80 random bits, as UUIDv7 orders them (without its version bits).
 
-    Like uuid4().hex without its os.urandom() system call per request (random is seeded from the
-    OS in each process): a request id names a request in logs; it is no secret and guards nothing.
+    Time first, so new ids sort after old ones: the capture database's index of request ids then grows
+    at its end instead of at a random page per captured image, and SQLite's CPU per captured image stays
+    about 7 µs instead of growing with the table (20 µs at 100,000 rows and 32 µs at 500,000 with random
+    ids: docs/ground-truth.md#what-it-costs). The random bits come without uuid4's os.urandom() system
+    call per request (random is seeded from the OS in each process): a request id names a request in
+    logs; it is no secret and guards nothing.
     """
     if incoming and _SAFE_ID.match(incoming):
         return incoming
-    return f"{random.getrandbits(128):032x}"  # nosec B311
+    return f"{time.time_ns() // 1_000_000:012x}{random.getrandbits(80):020x}"  # nosec B311
 
 
 def log_access(method: str, path: str, status: int, version: str, elapsed: float, request_id: str) -> None:
