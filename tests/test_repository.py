@@ -48,6 +48,14 @@ def tamper(repo: Repository, version: int) -> None:
     (repo.folder / str(version) / MODEL_FILE).write_bytes(b"not the bytes model.json vouches for")
 
 
+def give_onnx(repo: Repository, version: int, content: bytes = b"onnx graph") -> None:
+    """An ONNX export beside a fake version, its sha256 in model.json (fake versions embed nothing)."""
+    folder = repo.folder / str(version)
+    (folder / "model.onnx").write_bytes(content)
+    metadata = json.loads((folder / METADATA_FILE).read_text())
+    (folder / METADATA_FILE).write_text(json.dumps({**metadata, "onnx_sha256": hashlib.sha256(content).hexdigest()}))
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Repository:
     return Repository(tmp_path / "models", "mnist")
@@ -310,6 +318,20 @@ def test_promote_refuses_a_corrupt_or_missing_version_with_the_reason(repo: Repo
     assert repo.read_config().labels == {"stable": 1}
 
 
+def test_promote_checks_the_onnx_export_a_version_records(repo: Repository) -> None:
+    add_versions(repo, 2)
+    repo.set_label("stable", 1)
+    give_onnx(repo, 2)
+    (repo.folder / "2" / "model.onnx").write_bytes(b"another graph")
+    with pytest.raises(RepositoryError, match=r"version 2 can't be served: ONNX model .* tampered with"):
+        repo.set_label("stable", 2)
+    (repo.folder / "2" / "model.onnx").unlink()
+    with pytest.raises(RepositoryError, match=r"version 2 can't be served: ONNX model .* not found"):
+        repo.set_label("stable", 2)
+    give_onnx(repo, 2)
+    repo.set_label("stable", 2)
+
+
 # The command line.
 
 
@@ -321,9 +343,10 @@ def run_cli(capsys: pytest.CaptureFixture[str], repo: Repository, *argv: str) ->
 
 @pytest.fixture
 def three_versions(repo: Repository) -> Repository:
-    """Versions 1 (stable), 2, and 3 whose model file was tampered with; policy latest 1."""
+    """Versions 1 (stable), 2 (with an ONNX export), and 3 whose model file was tampered with; policy latest 1."""
     add_versions(repo, 3)
     repo.write_config(ModelConfig({"latest": {"num_versions": 1}}, {"stable": 1}))
+    give_onnx(repo, 2)
     tamper(repo, 3)
     return repo
 
@@ -335,13 +358,15 @@ def test_list_shows_each_version_its_selection_labels_state_and_the_policy(
     code, out, _ = run_cli(capsys, three_versions, "list")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["VERSION", "SELECTED", "LABELS", "ACCURACY", "CREATED", "SHA256", "STATE"]
-    rows = {line.split()[0]: line.split(maxsplit=6) for line in lines[1:4]}
+    assert lines[0].split() == [
+        "VERSION", "SELECTED", "LABELS", "ACCURACY", "CREATED", "SHA256", "RUNTIMES", "STATE"
+    ]
+    rows = {line.split()[0]: line.split(maxsplit=7) for line in lines[1:4]}
     sha1 = hashlib.sha256(b"model 1").hexdigest()
-    assert rows["1"] == ["1", "label", "stable", "0.9100", "2026-11-24T06:01:00+00:00", sha1[:12], "ok"]
-    assert rows["2"][1:3] == ["no", "-"] and rows["2"][6] == "ok"
-    assert rows["3"][1:6] == ["policy", "-", "-", "-", "-"]
-    assert "has sha256" in rows["3"][6] and "tampered with" in rows["3"][6]
+    assert rows["1"] == ["1", "label", "stable", "0.9100", "2026-11-24T06:01:00+00:00", sha1[:12], "torchscript", "ok"]
+    assert rows["2"][1:3] == ["no", "-"] and rows["2"][6:] == ["torchscript,onnxruntime", "ok"]
+    assert rows["3"][1:7] == ["policy", "-", "-", "-", "-", "-"]
+    assert "has sha256" in rows["3"][7] and "tampered with" in rows["3"][7]
     assert "policy: latest 1" in out
     assert "labels: stable -> 1, canary -> 9 (not on disk!)" in out
     assert "stable history, oldest first (rollback goes back along it): none" in out
