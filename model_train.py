@@ -10,8 +10,9 @@ Every version gets model.onnx beside model.pt (ONNX Runtime serves it), once bot
 all 10k test images (docs/training.md). --add-onnx PATH gives a model trained before that its ONNX export.
 
 --feedback CAPTURE_DATABASE adds the labelled captures of a capture database (docs/ground-truth.md)
-to the training set, except a held-out share that measures feedback_accuracy; the metadata records
-which rows. With --export DIR it writes them as MNIST IDX files instead of training.
+to the training set, except a held-out share (--feedback-holdout, a fifth by default) that measures
+feedback_accuracy; the metadata records which rows and the share. With --export DIR it writes them as
+MNIST IDX files instead of training.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnist_service.capture.dataset import export_idx
+from mnist_service.capture.dataset import check_holdout, export_idx
 from mnist_service.capture.store import CaptureUnavailable, redacted
 from mnist_service.inference.integrity import ModelLoadError
 from mnist_service.logconfig import configure_logging
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         help="show each labelled capture this many times per epoch (default 1)",
     )
     parser.add_argument(
+        "--feedback-holdout", type=_holdout, default=defaults.feedback_holdout, metavar="FRACTION",
+        help="the share of labelled captures, chosen by request id, that never trains and measures "
+        f"feedback_accuracy (0 <= FRACTION < 1, default {defaults.feedback_holdout:g})",
+    )
+    parser.add_argument(
         "--export", type=Path, metavar="DIR",
         help="with --feedback: write the labelled captures as MNIST IDX files into DIR and exit (no training)",
     )
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.feedback:
             parser.error("--export needs --feedback CAPTURE_DATABASE")
         try:
-            lineage = export_idx(args.feedback, args.export)
+            lineage = export_idx(args.feedback, args.export, args.feedback_holdout)
         except CaptureUnavailable as exc:
             sys.exit(f"error: the capture database {redacted(args.feedback)} can't be read: {exc}")
         print(f"train={lineage['train']['rows']} held_out={lineage['held_out']['rows']} -> {args.export}")
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         drift_images=args.drift_images,
         feedback=args.feedback,
         feedback_repeat=args.feedback_repeat,
+        feedback_holdout=args.feedback_holdout,
     )
     try:
         metadata, destination = _train(params, args)
@@ -125,6 +132,17 @@ def main(argv: list[str] | None = None) -> None:
         f"train_seconds={metadata['training']['train_seconds']} macs={metadata['macs']} "
         f"version={metadata['version'][:12]} -> {destination}"
     )
+
+
+def _holdout(text: str) -> float:
+    try:
+        fraction = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    try:
+        return check_holdout(fraction)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _train(params: TrainParams, args: argparse.Namespace) -> tuple[dict, str]:

@@ -13,6 +13,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from mnist_service.capture.recorder import Recorder
 from mnist_service.capture.store import CaptureStore, CaptureUnavailable, as_row, redacted
 from mnist_service.metrics import Metrics
 
-from .conftest import free_port
+from .conftest import ROOT, free_port
 
 PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
 
@@ -462,6 +463,27 @@ def test_labelled_captures_export_as_mnist_idx_with_their_lineage(tmp_path: Path
     first_trained = read_labelled(url).split()[0].request_ids[0]
     store.label(first_trained, 0, 9 if by_id[first_trained][1] != 9 else 8)
     assert read_labelled(url).split()[0].sha256() != lineage["train"]["sha256"]
+
+
+def test_the_held_out_share_is_an_option(tmp_path: Path) -> None:
+    from mnist_service.capture.dataset import export_idx, held_out
+
+    url = str(tmp_path / "c.sqlite3")
+    digits, probs = _digits(400), _probs(400)
+    CaptureStore(url).insert([as_row(f"id{i}", 0, 1000.0 + i, "/predict", "1", digits[i], probs[i], i % 10)
+                              for i in range(400)])
+    lineage = export_idx(url, tmp_path / "half", holdout=0.5)
+    assert lineage["holdout_fraction"] == 0.5 and abs(lineage["held_out"]["rows"] / 400 - 0.5) < 0.08
+    assert export_idx(url, tmp_path / "none", holdout=0)["held_out"]["rows"] == 0
+    # A larger share holds out the same requests and more: runs with different shares stay comparable.
+    ids = [f"id{i}" for i in range(400)]
+    assert {r for r in ids if held_out(r, 0.2)} < {r for r in ids if held_out(r, 0.5)}
+    for wrong in ("1", "-0.1", "nan", "a fifth"):
+        result = subprocess.run([sys.executable, "model_train.py", "--feedback", url, "--export", str(tmp_path / "x"),
+                                 "--feedback-holdout", wrong], cwd=ROOT, capture_output=True, text=True, check=False)
+        assert result.returncode == 2 and "--feedback-holdout" in result.stderr, result.stderr
+        assert ("at least 0 and below 1" in result.stderr) or ("not a number" in result.stderr), result.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_training_refuses_a_missing_or_unlabelled_database(tmp_path: Path) -> None:

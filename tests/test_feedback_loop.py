@@ -94,16 +94,17 @@ def test_labelled_captures_train_a_version_that_beats_stable_on_them(
             # A short run with the labelled captures, published as version 2 (stable stays 1), then the canary.
             out = _cli("model_train.py", "--repository", str(repo.root), "--feedback", str(database),
                        "--epochs", "2", "--max-train", "3000", "--seed", "1", "--drift-images", "2000",
-                       "--feedback-repeat", "5")
+                       "--feedback-repeat", "5", "--feedback-holdout", "0.25")
             assert "feedback_accuracy=" in out and "stable stays 1" in out, out
             metadata = json.loads((repo.folder / "2" / METADATA_FILE).read_text())
             feedback = metadata["feedback"]
             assert feedback["train"]["rows"] + feedback["held_out"]["rows"] == len(users)
-            assert 0.1 < feedback["held_out"]["rows"] / len(users) < 0.3  # HOLDOUT_FRACTION = 0.2
+            assert feedback["holdout_fraction"] == 0.25  # --feedback-holdout, recorded in the lineage
+            assert 0.15 < feedback["held_out"]["rows"] / len(users) < 0.35
             assert feedback["train"]["first_captured_at"] <= feedback["train"]["last_captured_at"]
             assert "sha256" in feedback["train"] and metadata["feedback_accuracy"] is not None
             # The same rows give the same hash (data lineage).
-            train, held = read_labelled(str(database)).split()
+            train, held = read_labelled(str(database)).split(0.25)
             assert train.sha256() == feedback["train"]["sha256"] and held.sha256() == feedback["held_out"]["sha256"]
 
             _cli("model_repository.py", "--repository", str(repo.root), "canary", "2")

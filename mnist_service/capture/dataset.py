@@ -17,15 +17,26 @@ import numpy as np
 
 from mnist_service.capture.store import CaptureStore, CaptureUnavailable, redacted
 
-# The share of labelled captures that never trains, chosen by a hash of the request id: the same
-# request is held out in every run, so feedback_accuracy is always measured on unseen captures.
+# The share of labelled captures that never trains by default (model_train.py --feedback-holdout), chosen
+# by a hash of the request id: the same request is held out in every run, so feedback_accuracy is always
+# measured on unseen captures, and a larger share holds out the same requests and more.
 HOLDOUT_FRACTION = 0.2
 
 
-def held_out(request_id: str) -> bool:
-    """Whether a request's captures belong to the held-out share (a fixed HOLDOUT_FRACTION of ids)."""
+def check_holdout(fraction: float) -> float:
+    """The fraction, if at least 0 and below 1 (something must train); ValueError saying so otherwise."""
+    if not 0 <= fraction < 1:
+        raise ValueError(
+            f"the held-out share of labelled captures must be at least 0 and below 1 (0.2 keeps a fifth of "
+            f"them out of training to measure feedback_accuracy; 0 trains on all), not {fraction:g}"
+        )
+    return fraction
+
+
+def held_out(request_id: str, fraction: float = HOLDOUT_FRACTION) -> bool:
+    """Whether a request's captures belong to the held-out share (that fraction of ids, by hash)."""
     digest = hashlib.sha256(request_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") < HOLDOUT_FRACTION * 2**64
+    return int.from_bytes(digest[:8], "big") < check_holdout(fraction) * 2**64
 
 
 @dataclass(frozen=True)
@@ -47,9 +58,10 @@ class Labelled:
             self.items[keep], self.images[keep], self.labels[keep], self.captured_at[keep],
         )
 
-    def split(self) -> tuple[Labelled, Labelled]:
-        """(training share, held-out share)."""
-        out = np.array([held_out(r) for r in self.request_ids], dtype=bool)
+    def split(self, fraction: float = HOLDOUT_FRACTION) -> tuple[Labelled, Labelled]:
+        """(training share, held-out share), `fraction` of the request ids held out."""
+        check_holdout(fraction)
+        out = np.array([held_out(r, fraction) for r in self.request_ids], dtype=bool)
         return self.subset(~out), self.subset(out)
 
     def sha256(self) -> str:
@@ -95,11 +107,11 @@ def read_labelled(url: str) -> Labelled:
     )
 
 
-def describe(url: str, train: Labelled, held: Labelled) -> dict[str, Any]:
+def describe(url: str, train: Labelled, held: Labelled, fraction: float) -> dict[str, Any]:
     """What the model's metadata records about the feedback it trained on and was measured on."""
     return {
         "database": redacted(url),
-        "holdout_fraction": HOLDOUT_FRACTION,
+        "holdout_fraction": fraction,
         "train": train.lineage(),
         "held_out": held.lineage(),
     }
@@ -111,14 +123,14 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
-def export_idx(url: str, folder: Path) -> dict[str, Any]:
+def export_idx(url: str, folder: Path, holdout: float = HOLDOUT_FRACTION) -> dict[str, Any]:
     """Write the labelled captures as MNIST IDX files: the training share as train-*, the held-out share
     as t10k-* (so the folder works as a --data-dir), and lineage.json; returns the lineage."""
-    train, held = read_labelled(url).split()
+    train, held = read_labelled(url).split(holdout)
     folder.mkdir(parents=True, exist_ok=True)
     for prefix, part in (("train", train), ("t10k", held)):
         _write_idx(folder / f"{prefix}-images-idx3-ubyte", part.images)
         _write_idx(folder / f"{prefix}-labels-idx1-ubyte", part.labels)
-    lineage = describe(url, train, held)
+    lineage = describe(url, train, held, holdout)
     (folder / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
     return lineage

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from mnist_service.capture.dataset import Labelled, describe, read_labelled
+from mnist_service.capture.dataset import HOLDOUT_FRACTION, Labelled, describe, read_labelled
 from mnist_service.capture.store import redacted
 from mnist_service.data import load_split
 from mnist_service.inference.images import png_bytes
@@ -60,6 +60,7 @@ class TrainParams:
     max_translate_px: float = 2.0
     feedback: str | None = None  # a capture database: its labelled captures join the training set
     feedback_repeat: int = 1  # each labelled capture (training share) is seen this many times per epoch
+    feedback_holdout: float = HOLDOUT_FRACTION  # the share of labelled captures (by request id) that never trains
 
 
 def augment(x: torch.Tensor, params: TrainParams, gen: torch.Generator) -> torch.Tensor:
@@ -163,7 +164,7 @@ def train_model(params: TrainParams) -> tuple[nn.Module, dict[str, Any]]:
         train_images, train_labels = train_images[: params.max_train], train_labels[: params.max_train]
     feedback: tuple[Labelled, Labelled] | None = None
     if params.feedback:  # the held-out share never trains: it measures feedback_accuracy
-        feedback = read_labelled(params.feedback).split()
+        feedback = read_labelled(params.feedback).split(params.feedback_holdout)
         extra = feedback[0]
         train_images = np.concatenate([train_images, np.repeat(extra.images, params.feedback_repeat, axis=0)])
         extra_labels = np.repeat(extra.labels, params.feedback_repeat, axis=0).astype(train_labels.dtype)
@@ -240,19 +241,22 @@ def train_model(params: TrainParams) -> tuple[nn.Module, dict[str, Any]]:
             served, test.images[reference_sample(len(test.images), params.drift_images)]
         ),
         "data_sha256": {**train.sha256, **test.sha256},
-        **(_feedback_metadata(net, params.feedback, *feedback) if params.feedback and feedback else {}),
+        **(_feedback_metadata(net, params.feedback, params.feedback_holdout, *feedback)
+           if params.feedback and feedback else {}),
         "torch_version": torch.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return net, metadata
 
 
-def _feedback_metadata(net: nn.Module, url: str, train: Labelled, held: Labelled) -> dict[str, Any]:
+def _feedback_metadata(
+    net: nn.Module, url: str, holdout: float, train: Labelled, held: Labelled
+) -> dict[str, Any]:
     """The lineage of the labelled captures trained on, and the accuracy on the held-out ones."""
     accuracy = None
     if len(held):
         accuracy = round(float((predict_all(net, to_unit(held.images)).numpy() == held.labels).mean()), 4)
-    return {"feedback": describe(url, train, held), "feedback_accuracy": accuracy}
+    return {"feedback": describe(url, train, held, holdout), "feedback_accuracy": accuracy}
 
 
 def as_uploaded(model: torch.jit.ScriptModule, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
