@@ -14,7 +14,7 @@ TRAINER_IMAGE ?= mnist-trainer:$(lastword $(subst :, ,$(IMAGE)))
 # The Dockerfile's slim target (no torch: ONNX Runtime; k8s/overlays/slim): IMAGE's name and tag, -slim.
 SLIM_IMAGE ?= $(IMAGE)-slim
 
-.PHONY: run test train lint docs bench bench-quick image image-slim image-test clean
+.PHONY: run test train lint docs bench bench-quick bench-capture image image-slim image-test clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,8 +67,8 @@ image: $(REPO_CONFIG)
 	$(CONTAINER) build -t $(IMAGE) .
 	$(CONTAINER) build --target trainer -t $(TRAINER_IMAGE) .
 
-# The server without torch: ONNX Runtime serves each version's model.onnx, so the stable version needs one
-# (`python model_train.py --add-onnx models/mnist/N/model.pt` gives an older version its export).
+# The server without torch: ONNX Runtime serves each version's model.onnx, so the stable version needs one, or
+# the build fails (`python model_train.py --add-onnx models/mnist/N/model.pt` gives an older version its export).
 image-slim: $(REPO_CONFIG)
 	$(CONTAINER) build --target slim -t $(SLIM_IMAGE) .
 
@@ -88,6 +88,11 @@ bench: $(VENV)/.runtime $(MODEL) $(MODEL_ONNX)
 
 bench-quick: $(VENV)/.runtime $(MODEL) $(MODEL_ONNX)
 	$(PY) -m benchmarks.run --model $(MODEL) --quick --results benchmarks/out/results-quick.md
+
+# What capture costs (CAPTURE_SAMPLE=1 vs 0, c=32, two workers, SQLite): 5 alternated rounds, a verdict
+# line against the 10 % limit, numbers in benchmarks/out/capture-cost.json; about 6 min.
+bench-capture: $(VENV)/.runtime $(MODEL)
+	$(PY) scripts/bench_capture.py --model $(MODEL)
 
 # ruff, the import layers of pyproject.toml ([tool.importlinter]) and the generated docs (see `docs`).
 lint: $(VENV)/.dev
