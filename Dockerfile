@@ -162,10 +162,15 @@ COPY --from=build-slim /opt/venv /opt/venv
 COPY mnist_service/ mnist_service/
 COPY model_inference.py ./
 COPY models/mnist/ models/mnist/
-# Bytecode compiled now (the root filesystem is read-only at runtime); and the server's modules, the
-# ONNX Runtime one included, load here without pulling in torch.
+# Bytecode compiled now (the root filesystem is read-only at runtime); the server's modules, the ONNX
+# Runtime one included, load here without pulling in torch; and the baked-in default version can be
+# served by ONNX Runtime (a stable version published before ONNX export fails the build, saying how
+# to give it an export), as the server checks at start.
 RUN python -m compileall -q mnist_service model_inference.py \
     && python -c 'import sys, model_inference, mnist_service.serving.api, mnist_service.inference.onnx_runtime; \
+                  from mnist_service.registry.repository import check_servable; \
+                  from mnist_service.settings import Settings; \
+                  check_servable(Settings()); \
                   assert "torch" not in sys.modules, "the server imported torch"'
 USER 10001:10001
 EXPOSE 8001
