@@ -142,16 +142,20 @@ def main() -> None:
     for sample, m in (("0", median["0"]), ("1", median["1"])):
         print(f"| {sample} | {m['rps']:.0f} | {m['cpu_ms']:.3f} | {m['p99_ms']:.1f} | {m['errors']:.0f} | "
               f"{m['captured']:.0f} of {m['requests']:.0f} |")
-    print("per round, req/s lower by: " + ", ".join(f"{100 * c:+.1f} %" for c in rps_cost)
-          + "; CPU per request higher by: " + ", ".join(f"{100 * c:+.1f} %" for c in cpu_cost))
+    print("per round, capture on vs off: req/s " + ", ".join(f"{-100 * c:+.1f} %" for c in rps_cost)
+          + "; CPU per request " + ", ".join(f"{100 * c:+.1f} %" for c in cpu_cost))
     print(f"load average (1 min) during the run: {min(loads):.2f} to {max(loads):.2f} on {os.cpu_count()} CPUs")
+    spread = max(max(rps_cost) - min(rps_cost), max(cpu_cost) - min(cpu_cost))
+    if spread > 2 * LIMIT:
+        print(f"warning: the rounds spread over {100 * spread:.0f} points, more than twice the limit: the machine's "
+              "other work decides this verdict; re-run it on a quiet machine")
     print(f"capture cost: req/s {-100 * rps:+.1f} %, CPU/request {100 * cpu:+.1f} % (median of {args.rounds} "
           f"paired rounds) -> {verdict} (limit: 10 % each)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "concurrency": args.concurrency, "seconds": args.seconds,
         "rounds": args.rounds, "prefill": args.prefill, "runs": runs, "rps_cost": rps_cost, "cpu_cost": cpu_cost,
-        "median_rps_cost": rps, "median_cpu_cost": cpu, "verdict": verdict, "limit": LIMIT,
+        "median_rps_cost": rps, "median_cpu_cost": cpu, "verdict": verdict, "limit": LIMIT, "spread": spread,
         "load_average": {"min": min(loads), "max": max(loads)}, "cpus": os.cpu_count(),
     }, indent=2) + "\n")
     print(f"written to {args.out}", file=sys.stderr)

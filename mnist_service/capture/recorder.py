@@ -82,7 +82,7 @@ class Recorder:
         self.failing: str | None = None  # the database's last error while writes fail
         self._buffer: deque[Waiting] = deque()
         self._queued = 0  # images in _buffer
-        self._lock = threading.Lock()  # _buffer and _queued, shared by the event loop and the writer
+        self._lock = threading.Lock()  # _queued against capacity, shared by the event loop and the writer
         self._unanswered: list[Waiting] = []  # taken by the writer before their answer came; the writer's own
         self._held = 0  # images in _unanswered: with _queued, what capacity bounds
         self._request_lock = threading.Lock()
@@ -161,10 +161,15 @@ class Recorder:
         are looked at again next pass, and failed or cancelled requests are let go."""
         taken: list[Waiting] = []
         images = 0
-        with self._lock:
-            while self._buffer and images < self.batch:
+        # popleft is atomic against the loop's append: the lock guards only the count, so a writer the OS
+        # preempts mid-batch never holds up the event loop's next append.
+        while self._buffer and images < self.batch:
+            try:
                 taken.append(self._buffer.popleft())
-                images += len(taken[-1][3])
+            except IndexError:  # emptied by stop() after its wait for this thread ran out
+                break
+            images += len(taken[-1][3])
+        with self._lock:
             self._queued -= images
         answered: list[Entry] = []
         unanswered: list[Waiting] = []
