@@ -89,7 +89,7 @@ bench: $(VENV)/.runtime $(MODEL) $(MODEL_ONNX)
 bench-quick: $(VENV)/.runtime $(MODEL) $(MODEL_ONNX)
 	$(PY) -m benchmarks.run --model $(MODEL) --quick --results benchmarks/out/results-quick.md
 
-# What capture costs (CAPTURE_SAMPLE=1 vs 0, c=32, two workers, SQLite): 5 alternated rounds, a verdict
+# What capture costs (CAPTURE_SAMPLE=1 vs 0, c=32, two workers, SQLite): 6 alternated rounds, a verdict
 # line against the 10 % limit, numbers in benchmarks/out/capture-cost.json; about 6 min.
 bench-capture: $(VENV)/.runtime $(MODEL)
 	$(PY) scripts/bench_capture.py --model $(MODEL)

@@ -2,13 +2,15 @@
 CAPTURE_SAMPLE=1 (every prediction captured into a SQLite file) against CAPTURE_SAMPLE=0. The
 issue's limit is 10 % on both.
 
-    .venv/bin/python scripts/bench_capture.py [--rounds 5] [--seconds 10] [--prefill 0]
+    .venv/bin/python scripts/bench_capture.py [--rounds 6] [--seconds 10] [--prefill 0]
 
 Each round starts the same real server (model_inference.py, 2 workers, hot path on) once per
 setting, the two in alternating order, and loads it with the service's own load generator
 (benchmarks/stress_client.py) posting one 28x28 MNIST PNG; CPU is every server process's user +
 system time from /proc. The verdict is the median over rounds of each round's ratio (on / off): a
-round's two runs are minutes apart at most, so a machine whose load drifts moves both. `--prefill N`
+round's two runs are a minute apart, so a machine whose load drifts moves both. The second run of a
+round measured a few percent slower in either order, so the rounds are an even number (each order
+counts as often), and every run starts after the last one's files are deleted and synced. `--prefill N`
 starts every captured run with N rows already stored, as a server that has captured for a while has
 (the insert's cost grows with the table). Prints a Markdown table, the per-round ratios and a verdict
 line, and writes them all to benchmarks/out/capture-cost.json with the load average during the run.
@@ -108,18 +110,21 @@ def _measure(model: Path, sample: str, folder: Path, concurrency: int, seconds: 
         proc.wait(timeout=60)
         for leftover in folder.glob(f"{database.name}*"):
             leftover.unlink()
+        os.sync()  # the captured run's writes reach the disk now, not during the next run
+        time.sleep(2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "mnist_cnn.pt")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6, help="rounded up to an even number")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--prefill", type=int, default=0, help="captures already stored when a captured run starts")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "capture-cost.json")
     args = parser.parse_args()
+    args.rounds += args.rounds % 2
     runs: dict[str, list[dict[str, float]]] = {"0": [], "1": []}
     load_before = _load_average()
     with tempfile.TemporaryDirectory(prefix="bench-capture-") as tmp:
