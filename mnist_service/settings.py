@@ -17,6 +17,11 @@ def torch_installed() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
+def default_runtime() -> RuntimeName:
+    """TorchScript, the model format training publishes, where torch is installed; else ONNX Runtime."""
+    return "torchscript" if torch_installed() else "onnxruntime"
+
+
 class Settings(BaseSettings):
     """Every knob of the server. Each field is read from the env var of the same name, upper-cased."""
 
@@ -83,8 +88,8 @@ class Settings(BaseSettings):
         le=64,
         description="Server processes. Each has one event loop and one inference thread: two fill two cores.",
     )
-    runtime: RuntimeName | None = Field(
-        None, validate_default=True, description="What runs the model: torchscript (model.pt) or onnxruntime "
+    runtime: RuntimeName = Field(
+        default_factory=default_runtime, description="What runs the model: torchscript (model.pt) or onnxruntime "
         "(model.onnx beside it; versions published before ONNX export can't be served by it). Unset: torchscript "
         "where torch is installed, else onnxruntime (the slim image). docs/runtimes.md says when to choose which.",
     )
@@ -194,9 +199,7 @@ class Settings(BaseSettings):
 
     @field_validator("runtime")
     @classmethod
-    def _runtime_available(cls, value: RuntimeName | None) -> RuntimeName:
-        if value is None:
-            return "torchscript" if torch_installed() else "onnxruntime"
+    def _runtime_available(cls, value: RuntimeName) -> RuntimeName:
         if value == "torchscript" and not torch_installed():
             raise ValueError(
                 "RUNTIME=torchscript needs torch, which is not installed here (the slim image has none): "

@@ -74,6 +74,9 @@ def _constraints(field: FieldInfo) -> list[str]:
 
 
 def _default(field: FieldInfo) -> str:
+    factory = field.default_factory
+    if factory is not None and factory.__module__ == Settings.__module__:
+        return "depends on the machine (see meaning)"  # a function of the settings module, such as RUNTIME's
     value = field.get_default(call_default_factory=True)
     if value is None:
         return "unset"

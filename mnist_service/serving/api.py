@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 def build_predictor(settings: Settings, metrics: Metrics, files: VersionFiles, version: str) -> Predictor:
     """Load, verify, optimise and warm one model version with RUNTIME: everything before its first request."""
-    assert settings.runtime is not None  # Settings fills it in: torchscript where torch is installed
     loaded, metadata = runtime.load(settings.runtime, files.model_path, files.metadata_path, settings.torch_threads)
     predictor = Predictor(
         loaded,
