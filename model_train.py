@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from mnist_service.capture.dataset import check_holdout, export_idx
 from mnist_service.capture.store import CaptureUnavailable, redacted
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             lineage = export_idx(args.feedback, args.export, args.feedback_holdout)
         except CaptureUnavailable as exc:
-            sys.exit(f"error: the capture database {redacted(args.feedback)} can't be read: {exc}")
+            _unreadable(args.feedback, exc)
         print(f"train={lineage['train']['rows']} held_out={lineage['held_out']['rows']} -> {args.export}")
         return
     if args.output and args.promote:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         metadata, destination = _train(params, args)
     except CaptureUnavailable as exc:
-        sys.exit(f"error: the capture database {redacted(args.feedback)} can't be read: {exc}")
+        _unreadable(args.feedback, exc)
     except ExportMismatch as exc:
         sys.exit(f"error: {exc}")
     feedback = f" feedback_accuracy={metadata['feedback_accuracy']}" if "feedback_accuracy" in metadata else ""
@@ -132,6 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         f"train_seconds={metadata['training']['train_seconds']} macs={metadata['macs']} "
         f"version={metadata['version'][:12]} -> {destination}"
     )
+
+
+def _unreadable(database: str, exc: CaptureUnavailable) -> NoReturn:
+    sys.exit(f"error: the capture database {redacted(database)} can't be read: {exc}")
 
 
 def _holdout(text: str) -> float:

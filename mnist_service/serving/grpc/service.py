@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from fastapi import FastAPI
-from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import SecretStr
 
 from mnist_service.errors import Forbidden, NotFound, ServiceError
@@ -30,7 +29,7 @@ from mnist_service.protos import grpc_predict_v2_pb2 as pb
 from mnist_service.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from mnist_service.registry.registry import State
 from mnist_service.serving.dataplane import RequestInfo
-from mnist_service.serving.deps import verify_key
+from mnist_service.serving.deps import keys_from, verify_key
 from mnist_service.serving.grpc import codec
 from mnist_service.serving.middleware import request_id_for
 from mnist_service.serving.routes.v2 import SERVER_NAME
@@ -223,8 +222,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """The key as metadata `authorization: Bearer <key>` or `x-api-key`, as on HTTP; nothing when unset."""
         if expected is None:
             return
-        scheme, token = get_authorization_scheme_param(call.metadata.get("authorization"))
-        verify_key(expected, (token if scheme.lower() == "bearer" else None, call.metadata.get("x-api-key")), name)
+        verify_key(expected, keys_from(call.metadata.get("authorization"), call.metadata.get("x-api-key")), name)
 
     async def _serve(
         self, method: str, context: grpc.aio.ServicerContext, answer: Callable[[Call], Awaitable[_Reply]]
