@@ -3,7 +3,7 @@ worker after a warm-up, and CPU burnt while idle. The runtimes are alternated ov
 
     .venv/bin/python -m benchmarks.runtime_idle --model models/mnist_cnn.pt [--idle-s 30] [--rounds 2]
 
-Idle CPU is utime + stime of each worker from /proc/<pid>/stat over --idle-s seconds with no request
+Idle CPU is utime + stime of each worker (benchmarks/server_cpu.py) over --idle-s seconds with no request
 after 200 answered ones (what a spinning thread pool would burn shows up here), in CPU milliseconds per
 second. RSS is VmRSS from /proc/<pid>/status at the start of that window. The server is ours, as
 `model_inference.py` starts it (WORKERS=2, gRPC off); a worker is a child of the supervisor.
@@ -22,18 +22,18 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from benchmarks.server_cpu import cpu_seconds
 from benchmarks.servers import REPO, free_port
+from benchmarks.soak import rss_mb
 from mnist_service.data import load_split
 from mnist_service.inference.runtime import RUNTIMES
+from mnist_service.process.server import worker_pids
 from mnist_service.tools.images import png_bytes
 
 
 def _workers(supervisor: int) -> list[int]:
-    """The supervisor's children that run the app (multiprocessing's resource tracker maps no runtime)."""
-    children = []
-    for task in Path(f"/proc/{supervisor}/task").iterdir():
-        children += [int(pid) for pid in (task / "children").read_text().split()]
-    return [pid for pid in children if "onnxruntime" in _maps(pid) or "libtorch" in _maps(pid)]
+    """The supervisor's workers that have loaded a runtime (onnxruntime or libtorch mapped)."""
+    return [pid for pid in worker_pids(supervisor) if "onnxruntime" in _maps(pid) or "libtorch" in _maps(pid)]
 
 
 def _maps(pid: int) -> str:
@@ -41,19 +41,6 @@ def _maps(pid: int) -> str:
         return Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return ""
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _cpu_s(pid: int) -> float:
-    """utime + stime (fields 14 and 15 of /proc/<pid>/stat, after the command name), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(runtime: str, model: Path, idle_s: float, digit: bytes, label: int) -> dict[str, float]:
@@ -85,10 +72,10 @@ def measure(runtime: str, model: Path, idle_s: float, digit: bytes, label: int) 
                 with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as one:
                     one.post("/predict", files=files)
         time.sleep(2)  # let whatever a request left behind settle
-        rss = [_rss_mb(pid) for pid in workers]
-        before = [_cpu_s(pid) for pid in workers]
+        rss = [rss_mb(pid) for pid in workers]
+        before = [cpu_seconds(pid) for pid in workers]
         time.sleep(idle_s)
-        idle = [(_cpu_s(pid) - b) / idle_s * 1000 for pid, b in zip(workers, before, strict=True)]
+        idle = [(cpu_seconds(pid) - b) / idle_s * 1000 for pid, b in zip(workers, before, strict=True)]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
