@@ -22,15 +22,12 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
 
@@ -39,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.load import run_stress  # noqa: E402
 from benchmarks.server_cpu import cpu_seconds  # noqa: E402
+from benchmarks.servers import running, server_spec  # noqa: E402
 from mnist_service.capture.store import CaptureStore, as_rows  # noqa: E402
 from mnist_service.data import load_split  # noqa: E402
 from mnist_service.inference.images import png_bytes  # noqa: E402
@@ -46,10 +44,6 @@ from mnist_service.serving.middleware import request_id_for  # noqa: E402
 from mnist_service.tools.stress import build_payload  # noqa: E402
 
 LIMIT = 0.10  # the issue's: capture may cost at most 10 % of req/s and of CPU per request
-
-
-def _load_average() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def _prefilled(folder: Path, rows: int) -> Path:
@@ -72,42 +66,26 @@ def _measure(model: Path, sample: str, folder: Path, concurrency: int, seconds: 
     database = folder / f"captures-{time.monotonic_ns()}.sqlite3"
     if template is not None and sample != "0":
         shutil.copyfile(template, database)
-    env = {**os.environ, "CAPTURE_SAMPLE": sample, "CAPTURE_DATABASE": str(database), "WORKERS": "2",
-           "ACCESS_LOG": "off", "GRPC_PORT": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "model_inference.py", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=(folder / "server.log").open("ab"),
-        start_new_session=True,
-    )
+    env = {"CAPTURE_SAMPLE": sample, "CAPTURE_DATABASE": str(database), "WORKERS": "2", "ACCESS_LOG": "off",
+           "GRPC_PORT": "0"}
+    spec = server_spec("ours", model, port, env=env)
     url = f"http://127.0.0.1:{port}"
+    payload = build_payload(png_bytes(Image.fromarray(load_split(ROOT / "data" / "mnist", "test").images[0])))
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit(f"the server did not start: see {folder / 'server.log'}")
-            time.sleep(0.2)
-        time.sleep(2)  # both workers up
-        image = png_bytes(Image.fromarray(load_split(ROOT / "data" / "mnist", "test").images[0]))
-        payload = build_payload(image)
-        run_stress(url, payload, folder / "body", concurrency, 2, folder / "warm.json")  # warm-up
-        time.sleep(1.5)  # the warm-up's captures written
-        captured_before = CaptureStore(str(database)).count() if database.exists() else 0
-        cpu_before = cpu_seconds(proc.pid)
-        result = run_stress(url, payload, folder / "body", concurrency, seconds, folder / "run.json")
-        cpu = cpu_seconds(proc.pid) - cpu_before
-        time.sleep(1.5)  # the writers' last batch
-        captured = (CaptureStore(str(database)).count() if database.exists() else 0) - captured_before
+        with running(spec, url, payload, folder / f"server-{sample}.log") as pid:
+            time.sleep(2)  # both workers up
+            run_stress(url, payload, folder / "body", concurrency, 2, folder / "warm.json")  # warm-up
+            time.sleep(1.5)  # the warm-up's captures written
+            captured_before = CaptureStore(str(database)).count() if database.exists() else 0
+            cpu_before = cpu_seconds(pid)
+            result = run_stress(url, payload, folder / "body", concurrency, seconds, folder / "run.json")
+            cpu = cpu_seconds(pid) - cpu_before
+            time.sleep(1.5)  # the writers' last batch
+            captured = (CaptureStore(str(database)).count() if database.exists() else 0) - captured_before
         return {"rps": result.rps, "cpu_ms": 1000 * cpu / max(result.requests, 1), "p99_ms": result.p99_ms,
                 "errors": result.errors, "requests": result.requests, "captured": captured,
-                "load_average": _load_average()}
+                "load_average": os.getloadavg()[0]}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
         for leftover in folder.glob(f"{database.name}*"):
             leftover.unlink()
         os.sync()  # the captured run's writes reach the disk now, not during the next run
@@ -126,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     args.rounds += args.rounds % 2
     runs: dict[str, list[dict[str, float]]] = {"0": [], "1": []}
-    load_before = _load_average()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-capture-") as tmp:
         template = _prefilled(Path(tmp), args.prefill) if args.prefill else None
         for round_ in range(args.rounds):
