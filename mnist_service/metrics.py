@@ -175,6 +175,11 @@ class Metrics:
             "than the traffic), database_error (it is down, full or read-only and CAPTURE_BUFFER filled), shutdown "
             "(still unwritten when the worker stopped).", ["reason"], registry=r,
         )
+        self.capture_cpu = Counter(
+            "mnist_capture_writer_cpu_seconds", "CPU time of the workers' capture writer threads (packing captures "
+            "into batches, writing them, retention): what capture costs besides one append per captured request on "
+            "the event loop.", registry=r,
+        )
         self.feedback = Counter(
             "mnist_feedback", "Labels received for captured predictions (POST /feedback), by the version that "
             "answered and whether its answer was correct or wrong; a label that replaces an earlier one is not "

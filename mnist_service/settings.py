@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Larger images are refused as decompression bombs."
     )
-    max_batch_files: int = Field(64, ge=1, description="Files accepted by /predict/batch and v2 N.")
+    max_batch_files: int = Field(64, ge=1, le=100_000, description="Files accepted by /predict/batch and v2 N.")
     decode_threads: int = Field(2, ge=1, description="Threads that decode uploaded images.")
 
     hot_path: bool = Field(

@@ -1,5 +1,6 @@
 """The capture database and the recorder: real SQLite files and a real PostgreSQL (Debian's package,
-started here with initdb and pg_ctl in a temporary folder, as a non-root user, on a free loopback port).
+started by benchmarks/postgres.py with initdb and pg_ctl in a temporary folder, as a non-root user,
+on a free loopback port).
 
 Also the faults: a database that stops mid-stream (PostgreSQL stopped, then started again), a SQLite
 file on a full filesystem and on a read-only one (small tmpfs mounts: these tests need root, as CI has).
@@ -9,90 +10,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmarks.postgres import PG_BIN, Postgres, temporary_postgres
 from mnist_service.capture.recorder import Recorder
-from mnist_service.capture.store import CaptureStore, CaptureUnavailable, as_row, redacted
+from mnist_service.capture.store import CaptureStore, CaptureUnavailable, as_batches, as_row, redacted
 from mnist_service.metrics import Metrics
 
 from .conftest import ROOT, free_port
-
-PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
-
-
-@dataclass
-class Postgres:
-    """A PostgreSQL server of the tests' own: its URL, and stop/start for the fault tests."""
-
-    folder: Path
-    port: int
-    user: str | None  # the system user it runs as (root can't run it), None when we are not root
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres:secret-pw@127.0.0.1:{self.port}/postgres"
-
-    def pg_ctl(self, *args: str) -> None:
-        command = [str(PG_BIN[-1]), "-D", str(self.folder / "data"), "-w", "-t", "60", *args]
-        if self.user is not None:
-            command = ["runuser", "-u", self.user, "--", *command]
-        subprocess.run(command, check=True, capture_output=True, timeout=90)
-
-    def start(self) -> None:
-        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.folder}"
-        self.pg_ctl("-l", str(self.folder / "postgres.log"), "-o", options, "start")
-
-    def stop(self) -> None:
-        self.pg_ctl("-m", "fast", "stop")
-
-
-def _pg_user() -> str | None:
-    """A non-root user to run PostgreSQL as (Debian's package creates `postgres`)."""
-    if os.geteuid() != 0:
-        return None
-    with contextlib.suppress(KeyError):
-        return pwd.getpwnam("postgres").pw_name
-    subprocess.run(["useradd", "--system", "--no-create-home", "mnist-pg"], check=True)
-    return "mnist-pg"
 
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     if not PG_BIN:
         pytest.fail("PostgreSQL is not installed: run scripts/install_postgresql.sh (make test does)")
-    user = _pg_user()
-    # Under /tmp itself: pytest's temporary folders are private to root, and PostgreSQL runs as `user`.
-    folder = Path(tempfile.mkdtemp(prefix="mnist-pg-"))
-    password = folder / "password"
-    password.write_text("secret-pw\n")
-    if user is not None:
-        shutil.chown(folder, user)
-        shutil.chown(password, user)
-    initdb = [str(PG_BIN[-1].parent / "initdb"), "-D", str(folder / "data"), "-U", "postgres",
-              "--auth=scram-sha-256", f"--pwfile={password}", "--no-sync"]
-    if user is not None:
-        initdb = ["runuser", "-u", user, "--", *initdb]
-    subprocess.run(initdb, check=True, capture_output=True, timeout=120)
-    server = Postgres(folder, free_port(), user)
-    server.start()
-    try:
+    with temporary_postgres() as server:
         yield server
-    finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -142,23 +82,40 @@ def test_a_capture_reads_back_as_written(database_url: str) -> None:
     assert store.find("req-1")[0].version == "2" and store.count() == 3
 
 
-def test_a_batch_goes_in_whole_with_any_request_id(database_url: str) -> None:
-    # One statement writes a batch: ids with quotes, backslashes and non-ASCII, times to the microsecond,
-    # labels, and more rows than a writer's batch.
+def test_a_writers_batch_goes_in_whole_with_any_request_id(database_url: str) -> None:
+    # The writer's batches, as the recorder makes them: ids with quotes, backslashes and non-ASCII,
+    # two routes and two versions mixed, requests of several images, times to the microsecond, and
+    # more images than a writer's batch.
     store = CaptureStore(database_url)
     ids = ['q"uote', "back\\slash", "ünï-☃", "semi;colon", "", *(f"n{i}" for i in range(3000))]
-    digits, probs = _digits(len(ids)), _probs(len(ids))
-    times = 1700000000.0 + np.random.default_rng(1).random(len(ids)) * 1e6
-    store.insert([as_row(r, 0, float(t), "/predict", "3", d, p, i % 10 if i % 3 == 0 else None)
-                  for i, (r, t, d, p) in enumerate(zip(ids, times, digits, probs, strict=True))])
-    assert store.count() == len(ids)
-    for i in (0, 1, 2, 3, 4, len(ids) - 1):
-        (found,) = store.find(ids[i])
-        assert found.captured_at == pytest.approx(float(times[i]), abs=1e-6)
-        np.testing.assert_array_equal(found.image, digits[i])
-        np.testing.assert_array_equal(found.probabilities, probs[i])
-        assert found.label == (i % 10 if i % 3 == 0 else None) and found.prediction == int(probs[i].argmax())
-    assert sum(store.label_counts().values()) == len(range(0, len(ids), 3))
+    rng = np.random.default_rng(1)
+    times = 1700000000.0 + rng.random(len(ids)) * 1e6
+    sizes = [3 if i % 7 == 0 else 1 for i in range(len(ids))]
+    digits, probs = _digits(sum(sizes)), _probs(sum(sizes))
+    entries, first = [], 0
+    for i, (request_id, at, n) in enumerate(zip(ids, times, sizes, strict=True)):
+        route, version = ("/predict/batch", "2") if i % 5 == 0 else ("/v2", "3")
+        entries.append((request_id, route, version, digits[first:first + n], probs[first:first + n], float(at)))
+        first += n
+    batches = as_batches(entries)
+    assert sorted((b.route, b.version) for b in batches) == [("/predict/batch", "2"), ("/v2", "3")]
+    store.insert_batches(batches)
+    assert store.count() == sum(sizes)
+    for i in (0, 1, 2, 3, 4, 5, 7, len(ids) - 1):
+        request_id, route, version, want_digits, want_probs, at = entries[i]
+        found = store.find(request_id)
+        assert [c.item for c in found] == list(range(len(want_digits)))
+        for capture, digit, prob in zip(found, want_digits, want_probs, strict=True):
+            assert (capture.route, capture.version, capture.label) == (route, version, None)
+            assert capture.captured_at == pytest.approx(at, abs=1e-6)
+            np.testing.assert_array_equal(capture.image, digit)
+            np.testing.assert_array_equal(capture.probabilities, prob)
+            assert capture.prediction == int(prob.argmax())
+    # An id stored already (a client reusing X-Request-ID) keeps its first capture; the rest go in.
+    store.insert_batches(as_batches([("n1", "/predict", "9", digits[:1], probs[:1], 1.0),
+                                     ("fresh", "/predict", "9", digits[:1], probs[:1], 1.0)]))
+    assert store.find("n1")[0].version == "3" and store.find("fresh")[0].version == "9"
+    assert store.count() == sum(sizes) + 1
 
 
 def test_float_digits_are_stored_as_the_uint8_image() -> None:
@@ -260,6 +217,7 @@ def _entry(request_id: str, n: int = 1) -> tuple:
 
 
 def test_the_recorder_writes_batches_and_counts_labels(database_url: str) -> None:
+    started = time.monotonic()
     with _recorder(database_url) as (recorder, metrics):
         for i in range(50):
             recorder.add(_entry(f"a{i}"))
@@ -274,6 +232,8 @@ def test_the_recorder_writes_batches_and_counts_labels(database_url: str) -> Non
         assert _samples(metrics, "mnist_labelled_captures")["label=6"] == 1
         assert _samples(metrics, "mnist_labelled_captures")["label=0"] == 0
         assert set(_samples(metrics, "mnist_capture_dropped_total").values()) == {0.0}
+        # The writer's CPU is counted: more than nothing, less than the wall time it has run.
+        assert 0 < _samples(metrics, "mnist_capture_writer_cpu_seconds_total")[""] < time.monotonic() - started
 
 
 def test_the_recorder_takes_each_answer_from_its_future(tmp_path: Path) -> None:

@@ -12,9 +12,9 @@ docs/ground-truth.md#what-it-costs):
   done once, on the loop's thread, and reading a finished one is a read under the GIL); one not yet
   answered waits for the next pass, a failed or cancelled one is not stored.
 - The writer thread shares the worker's GIL with the event loop, so it does little Python per image
-  (one concatenation and argmax per batch, one tuple per image) and hands the database one statement
-  per batch (store.py), which runs with the GIL released. Its old executemany took the GIL back for
-  every row, and each of those handoffs made the event loop wait.
+  (one concatenation and argmax per batch, a few list entries per image) and hands the database one
+  statement per batch (store.py), which runs with the GIL released. Its old executemany took the GIL
+  back for every row, and each of those handoffs made the event loop wait.
 - A separate writer process would free the GIL entirely but send every image through a pipe and add
   a process per worker to supervise; with the GIL held for one short stretch per batch, the measured
   cost did not call for it.
@@ -30,13 +30,12 @@ import logging
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
 
-from mnist_service.capture.store import Batch, CaptureStore, CaptureUnavailable, Entry, as_rows
+from mnist_service.capture.store import Batch, CaptureStore, CaptureUnavailable, Entry, as_batches
 from mnist_service.metrics import Metrics
 from mnist_service.settings import Settings
 
@@ -65,7 +64,7 @@ class Recorder:
         max_rows: int | None,
         max_age_s: float | None,
         flush_s: float = 0.5,
-        batch: int = 512,
+        batch: int = 2048,
         retention_s: float = 60.0,
         retry_s: float = 1.0,
     ) -> None:
@@ -77,14 +76,13 @@ class Recorder:
         self.capacity = capacity  # images held in memory, besides the batch being written
         self.max_rows, self.max_age_s = max_rows, max_age_s
         self.flush_s, self.batch, self.retention_s, self.retry_s = flush_s, batch, retention_s, retry_s
-        # The writer is woken before its interval once this many images wait: a batch, or half the buffer.
+        # The writer is woken before its interval once this many requests wait: a batch, or half the buffer.
         self._wake_at = max(1, min(batch, capacity // 2))
         self.failing: str | None = None  # the database's last error while writes fail
-        self._buffer: deque[Waiting] = deque()
-        self._queued = 0  # images in _buffer
-        self._lock = threading.Lock()  # _queued against capacity, shared by the event loop and the writer
+        self._buffer: list[Waiting] = []  # the event loop appends, the writer takes from the front
         self._unanswered: list[Waiting] = []  # taken by the writer before their answer came; the writer's own
-        self._held = 0  # images in _unanswered: with _queued, what capacity bounds
+        self._held = 0  # images in _buffer and _unanswered: what capacity bounds
+        self._lock = threading.Lock()  # _buffer and _held, shared by the event loop and the writer
         self._request_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -115,11 +113,11 @@ class Recorder:
         """Queue one request's capture for the writer; dropped and counted when the buffer is full."""
         images = len(entry[3])
         with self._lock:
-            if self._queued + self._held + images <= self.capacity:
+            if self._held + images <= self.capacity:
                 self._buffer.append(entry)
-                self._queued += images
+                self._held += images
                 images = 0
-            full_batch = self._queued >= self._wake_at
+            full_batch = len(self._buffer) >= self._wake_at
         if images:
             self._drop("database_error" if self.failing else "buffer_full", images)
         elif full_batch and not self._wake.is_set():
@@ -147,7 +145,7 @@ class Recorder:
         if self._thread is not None:
             self._thread.join(timeout_s)
         with self._lock:
-            left, self._queued, self._held = self._queued + self._held, 0, 0
+            left, self._held = self._held, 0
             self._buffer.clear()
             self._unanswered = []
         if left:
@@ -156,46 +154,45 @@ class Recorder:
         self.writer_store.close()
         self.request_store.close()
 
-    def _take(self) -> Batch | None:
-        """Up to a batch of answered captures, in order, or None; those still waiting for their answer
-        are looked at again next pass, and failed or cancelled requests are let go."""
-        taken: list[Waiting] = []
-        images = 0
-        # popleft is atomic against the loop's append: the lock guards only the count, so a writer the OS
-        # preempts mid-batch never holds up the event loop's next append.
-        while self._buffer and images < self.batch:
-            try:
-                taken.append(self._buffer.popleft())
-            except IndexError:  # emptied by stop() after its wait for this thread ran out
-                break
-            images += len(taken[-1][3])
-        with self._lock:
-            self._queued -= images
+    def _take(self) -> list[Batch]:
+        """Up to a batch of answered captures, in order (none: an empty list); those still waiting for
+        their answer are looked at again next pass, and failed or cancelled requests are let go."""
+        with self._lock:  # a slice and a move of references: the event loop's next append waits no longer
+            taken = self._buffer[:self.batch]
+            del self._buffer[:self.batch]
         answered: list[Entry] = []
         unanswered: list[Waiting] = []
-        for entry in self._unanswered + taken:
+        leaving = 0  # images answered or let go: no longer held
+        for entry in self._unanswered + taken if self._unanswered else taken:
             answer = entry[4]
             if isinstance(answer, np.ndarray):
                 answered.append(entry)  # type: ignore[arg-type]  # the answer itself (a test's)
             elif not answer.done():
                 unanswered.append(entry)
+                continue
             elif not answer.cancelled() and answer.exception() is None:
                 answered.append((*entry[:4], answer.result(), entry[5]))
+            leaving += len(entry[3])
         self._unanswered = unanswered
-        self._held = sum(len(entry[3]) for entry in unanswered)
-        return as_rows(answered) if answered else None
+        with self._lock:
+            self._held -= leaving
+        return as_batches(answered)
 
     def _run(self) -> None:
-        pending: Batch | None = None
+        pending: list[Batch] = []
         next_retention = 0.0
+        cpu_before = time.thread_time()
         while True:
+            cpu = time.thread_time()
+            self.metrics.capture_cpu.inc(cpu - cpu_before)  # the last pass's CPU; waiting costs none
+            cpu_before = cpu
             stopping = self._stopping.is_set()
             pending = pending or self._take()
             try:
-                if pending is not None:
-                    self.writer_store.insert(pending)
-                    self.metrics.captures.inc(len(pending.fields))
-                    pending = None
+                if pending:
+                    self.writer_store.insert_batches(pending)
+                    self.metrics.captures.inc(sum(map(len, pending)))
+                    pending = []
                     self._recovered()
                 if time.monotonic() >= next_retention:
                     self._retention()
@@ -204,16 +201,16 @@ class Recorder:
             except CaptureUnavailable as exc:
                 self._failed(str(exc))
                 if stopping:
-                    self.metrics.capture_dropped.labels("shutdown").inc(len(pending.fields) if pending else 0)
+                    self.metrics.capture_dropped.labels("shutdown").inc(sum(map(len, pending)))
                     return
                 self._stopping.wait(self.retry_s)
                 continue
             except Exception:  # a bug must not end capture for the life of the worker
-                images = len(pending.fields) if pending else 0
+                images = sum(map(len, pending))
                 logger.exception("capture: writing a batch failed; %d images dropped", images)
                 self.metrics.capture_dropped.labels("database_error").inc(images)
-                pending = None
-            more = self._queued
+                pending = []
+            more = len(self._buffer)
             if stopping and not more:
                 return
             if more < self._wake_at and not stopping:

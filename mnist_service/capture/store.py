@@ -9,12 +9,20 @@ One row per image: the request id and the image's place in the request (`item`),
 the version that answered, its prediction and probabilities (10 little-endian float32), the 28x28
 uint8 image the model saw (784 bytes, never the upload), and the label once someone gives one.
 
-Rows go in a batch at a time as one statement, `INSERT ... SELECT` over a JSON array of the small
-fields and two byte strings (every row's probabilities, every row's image) cut by row number in SQL.
-The serving workers' writer threads share their process's GIL with the event loop: executemany
-binds each row in Python and hands the GIL back and forth around every row's step (two handoffs per
-image, each a wait for the event loop), while one statement runs its whole batch with the GIL
-released. Measured in docs/ground-truth.md#what-it-costs.
+The serving workers' writer threads write a batch at a time: one statement per route and version in
+the batch (usually one), `INSERT ... SELECT` over a JSON array of the request ids and byte strings
+holding every image's other fields end to end, cut by row number in SQL: the item and the time in
+microseconds as fixed-width ASCII digits, the prediction (1 digit), the probabilities (40 bytes) and
+the image (784 bytes). The writer thread shares its process's GIL with the event loop, so the work
+per image that holds the GIL is kept small (a few numpy calls per column), and the statement runs
+its whole batch with the GIL released. Byte strings, not text, because SQLite's substr on text walks
+the UTF-8 characters from the start (quadratic in the batch) and on a blob jumps to the offset.
+Measured per image (docs/ground-truth.md#what-it-costs): executemany 6.8 µs, and it hands the GIL
+back and forth around every row; one JSON array of every row's fields 7-8 µs, because its
+json.dumps held the GIL for 1.5 µs and SQLite 3.40's `->>` re-parses the row's JSON text for each
+field; this about 5 µs, 1 µs of it holding the GIL.
+
+Single rows (a labelled example, a test's) go in with a plain INSERT per row.
 """
 
 from __future__ import annotations
@@ -37,43 +45,53 @@ import numpy as np
 Row = tuple[str, int, float, str, str, int, bytes, bytes, int | None, float | None]
 # One request's capture: request_id, route, version, digits (n, 28, 28), probabilities (n, 10), unix time.
 Entry = tuple[str, str, str, np.ndarray, np.ndarray, float]
-# A row's small fields: request_id, item, captured_at, route, version, prediction, label, labelled_at.
-Fields = tuple[str, int, float, str, str, int, int | None, float | None]
+
+ITEM_WIDTH, TIME_WIDTH = 6, 16  # a Batch's item and time fields in ASCII digits: "000003", "1765012345123456"
 
 
 @dataclass(frozen=True)
 class Batch:
-    """Rows on their way in, column-wise: the small fields per row, and every row's probabilities
-    (10 little-endian float32 each) and image (784 bytes each) end to end."""
+    """Captured images of one route and version on their way in, column-wise: the request id per
+    image, and every image's other fields end to end in byte strings, fixed width each."""
 
-    fields: list[Fields]
-    probabilities: bytes
-    images: bytes
+    route: str
+    version: str
+    request_ids: list[str]
+    items: bytes  # ITEM_WIDTH ASCII digits per image: its place in its request
+    times: bytes  # TIME_WIDTH ASCII digits per image: unix time in microseconds
+    predictions: bytes  # one ASCII digit per image
+    probabilities: bytes  # 10 little-endian float32 per image
+    images: bytes  # 784 bytes per image
 
-    @classmethod
-    def of(cls, rows: Sequence[Row]) -> Batch:
-        return cls([(r[0], r[1], r[2], r[3], r[4], r[5], r[8], r[9]) for r in rows],
-                   b"".join(r[6] for r in rows), b"".join(r[7] for r in rows))
+    def __len__(self) -> int:
+        return len(self.request_ids)
 
 BUSY_TIMEOUT_S = 5.0  # SQLite: how long a writer waits for another process's write lock
 CONNECT_TIMEOUT_S = 3  # PostgreSQL: a database that is down fails fast, and capture retries later
 RETENTION_CHUNK = 5000  # rows deleted per transaction, so retention never holds the write lock long
 
 _SELECT = "SELECT request_id, item, captured_at, route, version, prediction, probabilities, image, label FROM captures"
-# Row k of a Batch: fields[k] from the JSON array, bytes 40k.. of the probabilities and 784k.. of the images.
-_INSERT_SQLITE = (
-    "INSERT INTO captures (request_id, item, captured_at, route, version, prediction, label, labelled_at, "
-    "probabilities, image) "
-    "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, "
-    "value->>6, value->>7, substr(?, 40 * key + 1, 40), substr(?, 784 * key + 1, 784) FROM json_each(?) "
-    "WHERE true ON CONFLICT (request_id, item) DO NOTHING"  # WHERE: SQLite's parser needs it before ON CONFLICT
+_INSERT = (
+    "INSERT INTO captures (request_id, item, captured_at, route, version, prediction, probabilities, image, label, "
+    "labelled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id, item) DO NOTHING"
 )
-_INSERT_POSTGRES = (
-    "INSERT INTO captures (request_id, item, captured_at, route, version, prediction, label, labelled_at, "
-    "probabilities, image) "
-    "SELECT f->>0, (f->>1)::int, (f->>2)::float8, f->>3, f->>4, (f->>5)::int, "
-    "(f->>6)::int, (f->>7)::float8, substr(?::bytea, (40 * n - 39)::int, 40), substr(?::bytea, (784 * n - 783)::int, "
-    "784) FROM jsonb_array_elements(?::jsonb) WITH ORDINALITY AS t(f, n) ON CONFLICT (request_id, item) DO NOTHING"
+# Image k (from 0) of a Batch: request id k of the JSON array, then the bytes from k times each field's
+# width (ITEM_WIDTH 6, TIME_WIDTH 16, then 1, 40 and 784). Parameters in order: items, times, route,
+# version, predictions, probabilities, images, request ids.
+_INSERT_BATCH_SQLITE = (
+    "INSERT INTO captures (request_id, item, captured_at, route, version, prediction, probabilities, image) "
+    "SELECT value, CAST(substr(?, 6 * key + 1, 6) AS INTEGER), CAST(substr(?, 16 * key + 1, 16) AS INTEGER) / 1e6, "
+    "?, ?, CAST(substr(?, key + 1, 1) AS INTEGER), substr(?, 40 * key + 1, 40), substr(?, 784 * key + 1, 784) "
+    "FROM json_each(?) WHERE true ON CONFLICT (request_id, item) DO NOTHING"  # WHERE: SQLite's parser needs it
+)
+# The same in PostgreSQL, where image n counts from 1.
+_INSERT_BATCH_POSTGRES = (
+    "INSERT INTO captures (request_id, item, captured_at, route, version, prediction, probabilities, image) "
+    "SELECT id, convert_from(substr(?::bytea, (6 * n - 5)::int, 6), 'SQL_ASCII')::int, "
+    "convert_from(substr(?::bytea, (16 * n - 15)::int, 16), 'SQL_ASCII')::int8 / 1e6::float8, ?, ?, "
+    "convert_from(substr(?::bytea, n::int, 1), 'SQL_ASCII')::int, substr(?::bytea, (40 * n - 39)::int, 40), "
+    "substr(?::bytea, (784 * n - 783)::int, 784) FROM jsonb_array_elements_text(?::jsonb) WITH ORDINALITY AS t(id, n) "
+    "ON CONFLICT (request_id, item) DO NOTHING"
 )
 
 
@@ -207,15 +225,20 @@ class CaptureStore:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def insert(self, rows: Batch | Sequence[Row]) -> None:
-        """Add captures in one statement; an id stored already (a client reusing X-Request-ID) keeps its first row."""
-        batch = rows if isinstance(rows, Batch) else Batch.of(rows)
-        if not batch.fields:
-            return
-        fields = json.dumps(batch.fields, ensure_ascii=False, allow_nan=False)
+    def insert(self, rows: Sequence[Row]) -> None:
+        """Add single rows (labelled examples); an id stored already keeps its first row."""
+        if rows:
+            with self.transaction() as cur:
+                cur.executemany(_INSERT, rows)
+
+    def insert_batches(self, batches: Sequence[Batch]) -> None:
+        """Add the writer's batches in one transaction, one statement each; an id stored already (a
+        client reusing X-Request-ID) keeps its first row."""
+        sql = _INSERT_BATCH_SQLITE if self.path is not None else _INSERT_BATCH_POSTGRES
         with self.transaction() as cur:
-            cur.execute(_INSERT_SQLITE if self.path is not None else _INSERT_POSTGRES,
-                        (batch.probabilities, batch.images, fields))
+            for b in batches:
+                ids = json.dumps(b.request_ids, ensure_ascii=False)
+                cur.execute(sql, (b.items, b.times, b.route, b.version, b.predictions, b.probabilities, b.images, ids))
 
     def label(self, request_id: str, item: int, label: int) -> Captured | None:
         """Set the label of one captured image: the capture as it was before (its old label), or None if unknown."""
@@ -310,6 +333,9 @@ class _Cursor:
         self._cur.execute(self._sql(sql), params)
         return self._cur.rowcount
 
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._cur.executemany(self._sql(sql), rows)
+
     def fetchall(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         self._cur.execute(self._sql(sql), params)
         return list(self._cur.fetchall())
@@ -330,17 +356,37 @@ def _pixels(digits: np.ndarray) -> np.ndarray:
     return digits if digits.dtype == np.uint8 else np.clip(np.rint(digits), 0, 255).astype(np.uint8)
 
 
-def as_rows(entries: Sequence[Entry]) -> Batch:
-    """Requests' captures as one Batch, converted a batch at a time (one concatenation, one argmax):
-    the writer thread holds the GIL, which the event loop needs, for as little work per image as can be."""
-    images = _pixels(np.concatenate([entry[3] for entry in entries])).tobytes()
+def as_batches(entries: Sequence[Entry]) -> list[Batch]:
+    """Requests' captures as Batches, one per route and version, in their order."""
+    groups: dict[tuple[str, str], list[Entry]] = {}
+    for entry in entries:
+        groups.setdefault((entry[1], entry[2]), []).append(entry)
+    return [_batch(route, version, group) for (route, version), group in groups.items()]
+
+
+def _batch(route: str, version: str, entries: list[Entry]) -> Batch:
+    """Converted a batch at a time (each column in a few numpy calls): the writer thread holds the GIL,
+    which the event loop needs, for as little work per image as can be."""
+    # Joined as bytes, not concatenated as arrays: numpy's tobytes() of a fresh megabyte-sized array cost
+    # four times as much again (a second large allocation, written page by page).
+    images = b"".join([_pixels(entry[3]).tobytes() for entry in entries])
     probs = np.ascontiguousarray(np.concatenate([entry[4] for entry in entries]), dtype="<f4")
-    predictions = probs.argmax(1).tolist()
-    fields: list[Fields] = []
-    for request_id, route, version, digits, _, at in entries:
-        for item in range(len(digits)):
-            fields.append((request_id, item, at, route, version, predictions[len(fields)], None, None))
-    return Batch(fields, probs.tobytes(), images)
+    sizes = np.fromiter((len(entry[3]) for entry in entries), np.int64, len(entries))
+    if len(sizes) == len(probs):  # one image per request, the usual case
+        request_ids = [entry[0] for entry in entries]
+        items = np.zeros(len(probs), np.int64)
+    else:
+        request_ids = [entry[0] for entry in entries for _ in range(len(entry[3]))]
+        items = np.arange(len(probs)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    micros = np.repeat(np.fromiter((entry[5] for entry in entries), np.float64, len(entries)) * 1e6, sizes)
+    return Batch(route, version, request_ids, _digits(items, ITEM_WIDTH), _digits(np.rint(micros), TIME_WIDTH),
+                 _digits(probs.argmax(1), 1), probs.tobytes(), images)
+
+
+def _digits(values: np.ndarray, width: int) -> bytes:
+    """Non-negative integers below 10**width as `width` ASCII digits each, end to end."""
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    return (values.astype(np.int64)[:, None] // powers % 10 + ord("0")).astype(np.uint8).tobytes()
 
 
 def as_row(request_id: str, item: int, at: float, route: str, version: str, digit: np.ndarray,
