@@ -60,7 +60,7 @@ FAMILIES = {
     "mnist_shadow_comparisons_total", "mnist_shadow_confidence_bucket", "mnist_drift_reference_share",
     "mnist_drift_reference_cdf", "mnist_drift_threshold", "mnist_captures_total", "mnist_capture_dropped_total",
     "mnist_feedback_total", "mnist_feedback_wrong_total", "mnist_labelled_captures", "mnist_model_test_accuracy",
-    "mnist_grpc_requests_total", "mnist_grpc_request_latency_seconds_bucket",
+    "mnist_grpc_requests_total", "mnist_grpc_request_latency_seconds_bucket", "mnist_capture_writer_cpu_seconds_total",
 }
 # What the dashboard must show: one query at least reads each.
 DASHBOARD_MUST_READ = {
@@ -71,7 +71,7 @@ DASHBOARD_MUST_READ = {
     "version_score:mnist_drift_score:1h", "mnist_drift_threshold", "mnist_model_info",
     "mnist_shadow_comparisons_total", "mnist_worker_deaths_total", "mnist_captures_total",
     "mnist_capture_dropped_total", "mnist_feedback_total", "mnist_feedback_wrong_total", "mnist_labelled_captures",
-    "mnist_grpc_requests_total", "mnist_grpc_request_latency_seconds_bucket",
+    "mnist_grpc_requests_total", "mnist_grpc_request_latency_seconds_bucket", "mnist_capture_writer_cpu_seconds_total",
 }
 # Quoted in the alerts' descriptions besides the dashboard's panels: what the service logs.
 LOG_MESSAGES = {"unhandled error", "inference failed"}
