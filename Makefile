@@ -89,8 +89,9 @@ bench: $(VENV)/.runtime $(MODEL) $(MODEL_ONNX)
 bench-quick: $(VENV)/.runtime $(MODEL) $(MODEL_ONNX)
 	$(PY) -m benchmarks.run --model $(MODEL) --quick --results benchmarks/out/results-quick.md
 
-# What capture costs (CAPTURE_SAMPLE=1 vs 0, c=32, two workers, SQLite): 6 alternated rounds, a verdict
-# line against the 10 % limit, numbers in benchmarks/out/capture-cost.json; about 6 min.
+# What capture costs (CAPTURE_SAMPLE=1 vs 0, c=32, two workers, SQLite): two servers side by side, 10
+# alternated rounds of 6 s bursts, a verdict line against the 10 % limit, the writer threads' CPU per
+# image, numbers in benchmarks/out/capture-cost.json; about 3 min. `--database postgresql` for PostgreSQL.
 bench-capture: $(VENV)/.runtime $(MODEL)
 	$(PY) scripts/bench_capture.py --model $(MODEL)
 
