@@ -285,6 +285,26 @@ def test_real_digits_over_raw_contents_match_the_labels_and_the_rest_door(
     np.testing.assert_allclose(result.as_numpy("probabilities"), _rest_probabilities(server, images), atol=1e-5)
 
 
+def test_onnx_runtime_serves_grpc_with_the_answers_of_torchscript(
+    server: GrpcServer, model_dir: Path, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # RUNTIME=onnxruntime behind the same servicer: its metadata says so, and its answers are the
+    # TorchScript server's digits, with probabilities within the export's agreement.
+    images, labels = digits
+    running = _start(model_dir / "mnist_cnn.pt", tmp_path, workers=1, RUNTIME="onnxruntime")
+    client = grpcclient.InferenceServerClient(running.target)
+    try:
+        assert client.get_model_metadata("mnist").platform == "onnxruntime_onnx"
+        result = client.infer("mnist", [_infer_input(images, "UINT8")], outputs=_outputs())
+    finally:
+        client.close()
+        _stop(running)
+    reference = _rest_probabilities(server, images)
+    np.testing.assert_array_equal(result.as_numpy("prediction"), reference.argmax(1))
+    np.testing.assert_allclose(result.as_numpy("probabilities"), reference, atol=1e-4)
+    assert (result.as_numpy("prediction") == labels).mean() >= 0.9
+
+
 def test_typed_contents_come_back_typed_and_equal_the_raw_answer(
     server: GrpcServer, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
