@@ -454,3 +454,11 @@ def test_training_refuses_a_missing_or_unlabelled_database(tmp_path: Path) -> No
     CaptureStore(str(tmp_path / "empty.sqlite3")).insert(_rows(3))
     with pytest.raises(CaptureUnavailable, match="no labelled capture"):
         read_labelled(str(tmp_path / "empty.sqlite3"))
+
+
+def test_a_field_too_wide_for_its_column_is_refused_not_cut() -> None:
+    # A time before 1970 (or after 2286) does not fit the batch's 16 digits of microseconds.
+    for at in (-1.0, 1e10):
+        with pytest.raises(ValueError, match="capture field outside"):
+            as_batches([("r", "/predict", "1", _digits(1), _probs(1), at)])
+    assert len(as_batches([("r", "/predict", "1", _digits(1), _probs(1), 9_999_999_999.0)])[0]) == 1

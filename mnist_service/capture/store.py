@@ -385,8 +385,11 @@ def _batch(route: str, version: str, entries: list[Entry]) -> Batch:
 
 def _digits(values: np.ndarray, width: int) -> bytes:
     """Non-negative integers below 10**width as `width` ASCII digits each, end to end."""
+    values = values.astype(np.int64)
+    if len(values) and (values.min() < 0 or values.max() >= 10**width):  # would be cut, not stored wrong
+        raise ValueError(f"a capture field outside 0 to {10**width - 1}: {values.min()} to {values.max()}")
     powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
-    return (values.astype(np.int64)[:, None] // powers % 10 + ord("0")).astype(np.uint8).tobytes()
+    return (values[:, None] // powers % 10 + ord("0")).astype(np.uint8).tobytes()
 
 
 def as_row(request_id: str, item: int, at: float, route: str, version: str, digit: np.ndarray,
