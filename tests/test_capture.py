@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import subprocess
 import sys
 import time
@@ -462,3 +463,29 @@ def test_a_field_too_wide_for_its_column_is_refused_not_cut() -> None:
         with pytest.raises(ValueError, match="capture field outside"):
             as_batches([("r", "/predict", "1", _digits(1), _probs(1), at)])
     assert len(as_batches([("r", "/predict", "1", _digits(1), _probs(1), 9_999_999_999.0)])[0]) == 1
+
+
+def test_connections_opening_a_new_sqlite_file_together_all_get_in(tmp_path: Path) -> None:
+    # Workers starting together (and the feedback routes' connection) open one new file at once: one
+    # of them puts it in WAL mode while the others hold it. Without a retry, about 1 in 10 of these
+    # rounds failed with "database is locked".
+    import threading
+
+    for attempt in range(100):
+        url = str(tmp_path / f"c{attempt}.sqlite3")
+        errors: list[str] = []
+
+        def connect(url: str = url, errors: list[str] = errors) -> None:
+            try:
+                CaptureStore(url).count()
+            except CaptureUnavailable as exc:
+                errors.append(str(exc))
+
+        threads = [threading.Thread(target=connect) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, f"round {attempt}: {errors}"
+        with sqlite3.connect(url) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -168,7 +168,7 @@ class CaptureStore:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+            _wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL keeps the file intact; a power cut may lose the last batch
             statements = _schema("BLOB", "REAL")
         else:
@@ -317,6 +317,23 @@ class CaptureStore:
                 _SELECT + " WHERE label IS NOT NULL ORDER BY request_id, item", ()
             )
         return [_captured(row) for row in rows]
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """Put the file in WAL mode (readers never block the writer, nor it them), once: the mode stays with
+    the file. Changing it needs the file to itself, and SQLite answers "database is locked" at once,
+    without waiting its busy timeout, when another connection (a worker starting beside this one, the
+    feedback routes' connection) holds it: retried for up to BUSY_TIMEOUT_S."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 class _Cursor:
