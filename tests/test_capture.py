@@ -294,6 +294,35 @@ def test_captures_waiting_for_their_answer_count_against_the_buffer(tmp_path: Pa
         asyncio.run(asyncio.wait_for(scenario(recorder, metrics), 30))
 
 
+def test_a_batch_the_writer_cannot_write_yet_still_counts_against_the_buffer(tmp_path: Path) -> None:
+    # CAPTURE_BUFFER bounds every image a worker holds, the batch waiting for the database included.
+    url = str(tmp_path / "c.sqlite3")
+    blocker = CaptureStore(url)
+    blocker.count()
+    with _recorder(url, capacity=10) as (recorder, metrics):
+        recorder.add(_entry("first"))  # written: the writer's first pass (and retention) is behind it
+        _eventually(lambda: CaptureStore(url).find("first"), "the first capture written")
+        with blocker.transaction():  # another process holding the write lock
+            for i in range(10):
+                recorder.add(_entry(f"a{i}"))
+            time.sleep(0.3)  # the writer has taken them and waits for the lock
+            for i in range(10):
+                recorder.add(_entry(f"b{i}"))
+            assert sum(_samples(metrics, "mnist_capture_dropped_total").values()) == 10
+        _eventually(lambda: CaptureStore(url).count() == 11, "the ten written once the lock is free")
+        assert CaptureStore(url).find("b0") == []
+
+
+def test_a_capture_that_cannot_be_packed_is_dropped_and_the_writer_goes_on(tmp_path: Path) -> None:
+    url = str(tmp_path / "c.sqlite3")
+    with _recorder(url) as (recorder, metrics):
+        recorder.add(("bad", "/predict", "1", _digits(1), _probs(1), -1.0))  # a time its column can't hold
+        _eventually(lambda: _samples(metrics, "mnist_capture_dropped_total")["reason=database_error"] == 1,
+                    "the bad capture dropped and counted")
+        recorder.add(_entry("good"))
+        _eventually(lambda: CaptureStore(url).find("good"), "a later capture written")
+
+
 def test_new_request_ids_sort_in_time_order() -> None:
     # Server-made ids start with the time, so the capture table's index of ids grows at its end.
     from mnist_service.serving.middleware import request_id_for

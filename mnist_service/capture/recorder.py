@@ -73,7 +73,7 @@ class Recorder:
         self.where = self.writer_store.where
         self.metrics = metrics
         self.sample = sample
-        self.capacity = capacity  # images held in memory, besides the batch being written
+        self.capacity = capacity  # images held in memory, the batch being written included
         self.max_rows, self.max_age_s = max_rows, max_age_s
         self.flush_s, self.batch, self.retention_s, self.retry_s = flush_s, batch, retention_s, retry_s
         # The writer is woken before its interval once this many requests wait: a batch, or half the buffer.
@@ -81,7 +81,7 @@ class Recorder:
         self.failing: str | None = None  # the database's last error while writes fail
         self._buffer: list[Waiting] = []  # the event loop appends, the writer takes from the front
         self._unanswered: list[Waiting] = []  # taken by the writer before their answer came; the writer's own
-        self._held = 0  # images in _buffer and _unanswered: what capacity bounds
+        self._held = 0  # images in _buffer, in _unanswered and in the writer's pending batch: what capacity bounds
         self._lock = threading.Lock()  # _buffer and _held, shared by the event loop and the writer
         self._request_lock = threading.Lock()
         self._wake = threading.Event()
@@ -162,24 +162,35 @@ class Recorder:
             del self._buffer[:self.batch]
         answered: list[Entry] = []
         unanswered: list[Waiting] = []
-        leaving = 0  # images answered or let go: no longer held
+        let_go = 0
         for entry in self._unanswered + taken if self._unanswered else taken:
             answer = entry[4]
             if isinstance(answer, np.ndarray):
                 answered.append(entry)  # type: ignore[arg-type]  # the answer itself (a test's)
             elif not answer.done():
                 unanswered.append(entry)
-                continue
             elif not answer.cancelled() and answer.exception() is None:
                 answered.append((*entry[:4], answer.result(), entry[5]))
-            leaving += len(entry[3])
+            else:
+                let_go += len(entry[3])
         self._unanswered = unanswered
+        self._release(let_go)
+        try:
+            return as_batches(answered)
+        except Exception:  # a bug must not end capture for the life of the worker
+            images = sum(len(entry[3]) for entry in answered)
+            logger.exception("capture: packing a batch failed; %d images dropped", images)
+            self._drop("database_error", images)
+            self._release(images)
+            return []
+
+    def _release(self, images: int) -> None:
+        """Images written or dropped: no longer held against the capacity."""
         with self._lock:
-            self._held -= leaving
-        return as_batches(answered)
+            self._held -= images
 
     def _run(self) -> None:
-        pending: list[Batch] = []
+        pending: list[Batch] = []  # taken, not yet written: still held against the capacity
         next_retention = 0.0
         cpu_before = time.thread_time()
         while True:
@@ -188,10 +199,12 @@ class Recorder:
             cpu_before = cpu
             stopping = self._stopping.is_set()
             pending = pending or self._take()
+            images = sum(map(len, pending))
             try:
                 if pending:
                     self.writer_store.insert_batches(pending)
-                    self.metrics.captures.inc(sum(map(len, pending)))
+                    self.metrics.captures.inc(images)
+                    self._release(images)
                     pending = []
                     self._recovered()
                 if time.monotonic() >= next_retention:
@@ -201,14 +214,15 @@ class Recorder:
             except CaptureUnavailable as exc:
                 self._failed(str(exc))
                 if stopping:
-                    self.metrics.capture_dropped.labels("shutdown").inc(sum(map(len, pending)))
+                    self._drop("shutdown", images)
+                    self._release(images)
                     return
                 self._stopping.wait(self.retry_s)
                 continue
             except Exception:  # a bug must not end capture for the life of the worker
-                images = sum(map(len, pending))
                 logger.exception("capture: writing a batch failed; %d images dropped", images)
-                self.metrics.capture_dropped.labels("database_error").inc(images)
+                self._drop("database_error", images)
+                self._release(images)
                 pending = []
             more = len(self._buffer)
             if stopping and not more:
