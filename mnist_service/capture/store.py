@@ -66,6 +66,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.request_ids)
 
+
 BUSY_TIMEOUT_S = 5.0  # SQLite: how long a writer waits for another process's write lock
 CONNECT_TIMEOUT_S = 3  # PostgreSQL: a database that is down fails fast, and capture retries later
 RETENTION_CHUNK = 5000  # rows deleted per transaction, so retention never holds the write lock long

@@ -153,8 +153,9 @@ def measure_throughput(module: torch.jit.ScriptModule, batch: int, seconds: floa
     return float(np.median(rates))
 
 
-def train_model(params: TrainParams) -> tuple[nn.Module, dict[str, Any]]:
-    """Train, evaluate on the official test set; return the network and its metadata (all but `version`)."""
+def train_model(params: TrainParams) -> tuple[nn.Module, dict[str, Any], np.ndarray]:
+    """Train, evaluate on the official test set; return the network, its metadata (all but `version`)
+    and the test images (the export checks its two files against the same ones)."""
     started = time.perf_counter()
     torch.set_num_threads(params.threads)
 
@@ -246,7 +247,7 @@ def train_model(params: TrainParams) -> tuple[nn.Module, dict[str, Any]]:
         "torch_version": torch.__version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    return net, metadata
+    return net, metadata, test.images
 
 
 def _feedback_metadata(
@@ -307,9 +308,9 @@ class Published:
 
 def run(params: TrainParams) -> dict[str, Any]:
     """Train, evaluate, export to params.output/mnist_cnn.pt + .onnx + .json; return the metadata written."""
-    net, metadata = train_model(params)
+    net, metadata, test_images = train_model(params)
     pt_path = params.output / "mnist_cnn.pt"
-    metadata = export_version(net, metadata, pt_path, load_split(params.data_dir, "test").images)
+    metadata = export_version(net, metadata, pt_path, test_images)
     logger.info("wrote %s (test accuracy %.4f)", pt_path, metadata["test_accuracy"])
     return metadata
 
@@ -322,8 +323,7 @@ def publish(params: TrainParams, repository: Path, model_name: str, promote: boo
     """
     repo = Repository(repository, model_name)
     repo.read_config()  # a broken config.json fails now, not after the training
-    net, metadata = train_model(params)
-    test_images = load_split(params.data_dir, "test").images
+    net, metadata, test_images = train_model(params)
     number = repo.publish(lambda folder: export_version(net, metadata, folder / MODEL_FILE, test_images))
     previous = repo.read_config().labels.get("stable")
     stable = number if promote or previous is None else previous
