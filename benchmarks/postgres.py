@@ -9,12 +9,13 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.servers import free_port
 
 PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
 
@@ -60,12 +61,6 @@ def _pg_user() -> str | None:
     return "mnist-pg"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def temporary_postgres() -> Iterator[Postgres]:
     """A fresh server, running until the block ends; RuntimeError when PostgreSQL is not installed."""
@@ -85,7 +80,7 @@ def temporary_postgres() -> Iterator[Postgres]:
         initdb = ["runuser", "-u", user, "--", *initdb]
     try:
         subprocess.run(initdb, check=True, capture_output=True, timeout=120)
-        server = Postgres(folder, _free_port(), user)
+        server = Postgres(folder, free_port(), user)
         server.start()
         try:
             yield server

@@ -60,10 +60,9 @@ from mnist_service.tools.stress import Payload, build_payload  # noqa: E402
 LIMIT = 0.10  # the issue's: capture may cost at most 10 % of req/s and of CPU per request
 
 
-def _prefill(url: str, rows: int) -> None:
-    """Store `rows` captures of the last hour, with server-made request ids."""
+def _prefill(url: str, rows: int, digits: np.ndarray) -> None:
+    """Store `rows` captures of the last hour, with server-made request ids, of the first 1,000 `digits`."""
     store = CaptureStore(url)
-    digits = load_split(ROOT / "data" / "mnist", "test").images[:1000]
     probs = np.full((1, 10), 0.1, dtype=np.float32)
     start = time.time() - 3600
     for done in range(0, rows, 5000):
@@ -124,7 +123,8 @@ def main() -> None:
     args.rounds += args.rounds % 2
     runs: dict[str, list[dict[str, float]]] = {"0": [], "1": []}
     load_before = os.getloadavg()[0]
-    payload = build_payload(png_bytes(Image.fromarray(load_split(ROOT / "data" / "mnist", "test").images[0])))
+    digits = load_split(ROOT / "data" / "mnist", "test").images
+    payload = build_payload(png_bytes(Image.fromarray(digits[0])))
     with tempfile.TemporaryDirectory(prefix="bench-capture-") as tmp, contextlib.ExitStack() as stack:
         folder = Path(tmp)
         database, database_pid = str(folder / "captures.sqlite3"), None
@@ -132,7 +132,7 @@ def main() -> None:
             postgres = stack.enter_context(temporary_postgres())
             database, database_pid = postgres.url, postgres.pid
         if args.prefill:
-            _prefill(database, args.prefill)
+            _prefill(database, args.prefill, digits)
         servers: dict[str, tuple[str, int]] = {}
         for sample, port in (("0", args.port), ("1", args.port + 1)):
             env = {"CAPTURE_SAMPLE": sample, "CAPTURE_DATABASE": database, "WORKERS": "2", "ACCESS_LOG": "off",

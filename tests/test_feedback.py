@@ -21,13 +21,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
 
+from benchmarks.postgres import Postgres
 from mnist_service.capture.store import CaptureStore
 from mnist_service.inference.images import png_bytes
 from mnist_service.serving.api import create_app
 from mnist_service.settings import Settings
 
 from .conftest import metric_samples
-from .test_capture import Postgres, postgres  # noqa: F401  # the session's PostgreSQL server
+from .test_capture import postgres  # noqa: F401  # the session's PostgreSQL server
 
 API_KEY = "feedback-key"
 
